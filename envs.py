@@ -1,0 +1,602 @@
+"""MuJoCo tabletop tasks for wmpo: pixel observations, language instructions, scripted experts, episode storage.
+
+    import envs, gymnasium as gym
+    env = gym.make("wmpo/PushCube-v0")
+    obs, info = env.reset(seed=0)              # obs: (64, 64, 3) uint8, top-down camera
+    env.unwrapped.instruction                  # "push the red block onto the green pad"
+    obs, r, term, trunc, info = env.step(env.unwrapped.expert_action())
+
+Three tasks of graded difficulty, all on one 0.5 m x 0.5 m table seen from above (7.8 mm per pixel):
+    wmpo/Reach-v0     easy     move the white pusher onto the named one of three coloured pads
+    wmpo/PushCube-v0  medium   push the named one of two blocks (red, blue) onto the green pad
+    wmpo/PushTwo-v0   multi    push one named block onto its pad, then the other block onto the other pad
+The pusher is a disc on planar slide joints; an action in [-1, 1]^2 moves its set-point by up to 4 cm per 0.1 s
+step (10 Hz control). Blocks slide on the table (no yaw: fewer degrees of freedom for the world model to learn).
+The image alone never says what to do: the instruction names the target, and colours are the only cue.
+
+Speed (../shared/notes/mujoco.md): EGL, shadows and MSAA off, LP_NUM_THREADS=0 (llvmpipe renders inline).
+Run `python envs.py` for expert success rates and env steps/s per task.
+"""
+
+import json
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # read once at `import mujoco`: must be set before it
+os.environ.setdefault("LP_NUM_THREADS", "0")  # llvmpipe renders inline: 1.7-2.6x faster at 64x64
+
+# Importing torch._dynamo before the first EGL renderer exists avoids a segfault: creating the first torch
+# optimizer after MuJoCo's EGL context loads Mesa's LLVM, then Triton's, and the two clash (prototype.md, #9).
+import torch._dynamo  # noqa: F401, E402
+
+import gymnasium as gym  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+IMG = 64  # observation side in pixels
+TABLE = 0.25  # table half-size in metres
+PX_PER_M = IMG / (2 * TABLE)  # 128 px per metre, 7.8 mm per pixel
+PUSHER_R = 0.02  # pusher radius
+BLOCK_H = 0.025  # block half-size (5 cm cubes)
+PAD_R = 0.045  # pad radius
+BLOCK_LIM = 0.155  # blocks stop 9.5 cm inside the edge (a joint limit): the pusher can always get behind them
+SUCCESS_R = 0.03  # a block (or the pusher) counts as on a pad within 3 cm of its centre
+MAX_DELTA = 0.04  # set-point displacement per step at |a| = 1
+SUBSTEPS = 20  # 20 x 5 ms physics steps = 10 Hz control
+
+COLORS = {  # flat colours (emissive materials) so a pixel's colour names its object in every frame
+    "red": (0.9, 0.1, 0.1),
+    "blue": (0.1, 0.25, 0.95),
+    "green": (0.1, 0.8, 0.15),
+    "yellow": (0.95, 0.85, 0.1),
+    "white": (1.0, 1.0, 1.0),
+    "table": (0.3, 0.3, 0.3),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# instructions: a tiny template grammar with paraphrases, so the policy must read words, not one fixed string
+
+REACH_TEMPLATES = [
+    "move to the {pad} pad",
+    "go to the {pad} pad",
+    "put the pusher on the {pad} pad",
+    "reach the {pad} target",
+]
+PUSH_TEMPLATES = [
+    "push the {block} block onto the {pad} pad",
+    "move the {block} block to the {pad} pad",
+    "slide the {block} cube onto the {pad} target",
+    "put the {block} block on the {pad} pad",
+]
+PUSH_TWO_TEMPLATES = [
+    "push the {block} block onto the {pad} pad, then the {block2} block onto the {pad2} pad",
+    "first move the {block} block to the {pad} pad and then the {block2} block to the {pad2} pad",
+    "put the {block} block on the {pad} pad and after that the {block2} block on the {pad2} pad",
+]
+
+
+def scene_xml(blocks: list[str], pads: list[str]) -> str:
+    """MJCF of the table, the pusher, sliding blocks and flat (collision-free, mocap) pads."""
+    mats = "".join(
+        f'<material name="{n}" rgba="{r} {g} {b} 1" emission="1" specular="0"/>' for n, (r, g, b) in COLORS.items()
+    )
+    pad_bodies = "".join(
+        f'<body name="pad_{c}" mocap="true" pos="0 0 0.001"><geom type="cylinder" size="{PAD_R} 0.001" '
+        f'material="{c}" contype="0" conaffinity="0"/></body>'
+        for c in pads
+    )
+    lim = BLOCK_LIM
+    block_bodies = "".join(
+        f'<body name="block_{c}" pos="0 0 {BLOCK_H + 0.003}">'
+        f'<joint name="block_{c}_x" type="slide" axis="1 0 0" range="{-lim} {lim}" damping="8" frictionloss="0.4"/>'
+        f'<joint name="block_{c}_y" type="slide" axis="0 1 0" range="{-lim} {lim}" damping="8" frictionloss="0.4"/>'
+        f'<geom type="box" size="{BLOCK_H} {BLOCK_H} {BLOCK_H}" material="{c}" mass="0.3"/></body>'
+        for c in blocks
+    )
+    plim = TABLE - PUSHER_R
+    return f"""
+<mujoco model="wmpo_table">
+  <option timestep="0.005" integrator="implicitfast" gravity="0 0 0"/>
+  <visual><quality shadowsize="0" offsamples="0"/><global offwidth="{IMG}" offheight="{IMG}"/>
+    <headlight ambient="0.3 0.3 0.3" diffuse="0.2 0.2 0.2" specular="0 0 0"/></visual>
+  <asset>{mats}</asset>
+  <worldbody>
+    <camera name="top" pos="0 0 1" xyaxes="1 0 0 0 1 0" fovy="{2 * np.degrees(np.arctan(TABLE / 1.0)):.6f}"/>
+    <geom name="table" type="box" size="{TABLE} {TABLE} 0.001" pos="0 0 -0.001" material="table"
+          contype="0" conaffinity="0"/>
+    {pad_bodies}
+    {block_bodies}
+    <body name="pusher" pos="0 0 {BLOCK_H + 0.003}">
+      <joint name="pusher_x" type="slide" axis="1 0 0" range="{-plim} {plim}" damping="20"/>
+      <joint name="pusher_y" type="slide" axis="0 1 0" range="{-plim} {plim}" damping="20"/>
+      <geom type="cylinder" size="{PUSHER_R} {BLOCK_H}" material="white" mass="0.5"/>
+    </body>
+  </worldbody>
+  <actuator>
+    <position joint="pusher_x" kp="400" ctrlrange="{-plim} {plim}"/>
+    <position joint="pusher_y" kp="400" ctrlrange="{-plim} {plim}"/>
+  </actuator>
+</mujoco>"""
+
+
+def world_to_px(xy: np.ndarray) -> np.ndarray:
+    """Metres on the table -> (row, col) pixel coordinates in the 64x64 top-down image. xy: (..., 2)."""
+    xy = np.asarray(xy, dtype=np.float32)
+    col = (xy[..., 0] + TABLE) * PX_PER_M - 0.5
+    row = (TABLE - xy[..., 1]) * PX_PER_M - 0.5  # image rows grow downwards, y grows upwards
+    return np.stack([row, col], axis=-1)
+
+
+class TabletopEnv(gym.Env):
+    """One task family on the shared table. Subclasses set the objects, reset layout, success test and expert."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    blocks: list[str] = []
+    pads: list[str] = []
+    horizon = 50
+
+    def __init__(self, render_mode: str | None = "rgb_array"):
+        self.render_mode = render_mode
+        self.model = mujoco.MjModel.from_xml_string(scene_xml(self.blocks, self.pads))
+        self.data = mujoco.MjData(self.model)
+        self.renderer = None  # created lazily: a vector env's parent process never renders
+        self.observation_space = gym.spaces.Box(0, 255, (IMG, IMG, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.pusher_qpos = [self.model.joint(f"pusher_{a}").qposadr[0] for a in "xy"]
+        self.block_qpos = {c: [self.model.joint(f"block_{c}_{a}").qposadr[0] for a in "xy"] for c in self.blocks}
+        self.pad_mocap = {c: self.model.body(f"pad_{c}").mocapid[0] for c in self.pads}
+        self.instruction = ""
+        self.object_names = ["pusher"] + [f"block_{c}" for c in self.blocks] + [f"pad_{c}" for c in self.pads]
+
+    # -- state access -------------------------------------------------------------------------------------
+    def pusher(self) -> np.ndarray:
+        return self.data.qpos[self.pusher_qpos].copy()
+
+    def block(self, c: str) -> np.ndarray:
+        return self.data.qpos[self.block_qpos[c]].copy()
+
+    def pad(self, c: str) -> np.ndarray:
+        return self.data.mocap_pos[self.pad_mocap[c], :2].copy()
+
+    def object_pos(self) -> np.ndarray:
+        """(1 + blocks + pads, 2) ground-truth xy in metres, rows in the order of `self.object_names`."""
+        rows = [self.pusher()] + [self.block(c) for c in self.blocks] + [self.pad(c) for c in self.pads]
+        return np.stack(rows).astype(np.float32)
+
+    # -- gymnasium API --------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        mujoco.mj_resetData(self.model, self.data)
+        pusher, blocks, pads, self.instruction = self.sample_layout(self.np_random)
+        self.data.qpos[self.pusher_qpos] = pusher
+        self.data.ctrl[:] = pusher
+        for c, xy in blocks.items():
+            self.data.qpos[self.block_qpos[c]] = xy
+        for c, xy in pads.items():
+            self.data.mocap_pos[self.pad_mocap[c], :2] = xy
+        mujoco.mj_forward(self.model, self.data)
+        self.t = 0
+        self.waypoint, self.waypoint_steps = None, 0  # the pushing experts' detour memory (see follow_push)
+        return self.render(), self.info()
+
+    def step(self, action):
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(2), -1.0, 1.0)
+        lim = TABLE - PUSHER_R
+        # the set-point moves from where the pusher is, not from the last set-point: no wind-up against blocks
+        self.data.ctrl[:] = np.clip(self.pusher() + MAX_DELTA * a, -lim, lim)
+        mujoco.mj_step(self.model, self.data, nstep=SUBSTEPS)
+        self.t += 1
+        info = self.info()
+        terminated = bool(info["success"])
+        truncated = self.t >= self.horizon and not terminated
+        return self.render(), float(terminated), terminated, truncated, info
+
+    def render(self):
+        if self.renderer is None:
+            self.renderer = mujoco.Renderer(self.model, IMG, IMG)
+        self.renderer.update_scene(self.data, camera="top")
+        return self.renderer.render()
+
+    def close(self):
+        if self.renderer is not None:
+            self.renderer.close()
+            self.renderer = None
+
+    def info(self) -> dict:
+        return {"success": bool(self.success()), "object_pos": self.object_pos()}
+
+    def follow_push(self, block: str, pad: str, obstacles: list[str]) -> np.ndarray:
+        """push_action, but a detour waypoint, once chosen, is kept until reached (or for 8 steps): recomputing it
+        every step lets the pusher cycle between two detours forever."""
+        p = self.pusher()
+        if self.waypoint is not None and np.linalg.norm(self.waypoint - p) > 0.01 and self.waypoint_steps < 8:
+            self.waypoint_steps += 1
+            return toward(p, self.waypoint)
+        action, self.waypoint = push_action(p, self.block(block), self.pad(pad), [self.block(o) for o in obstacles])
+        self.waypoint_steps = 0
+        return action
+
+    # -- per-task pieces --------------------------------------------------------------------------------------
+    def sample_layout(self, rng):
+        raise NotImplementedError
+
+    def success(self) -> bool:
+        raise NotImplementedError
+
+    def expert_action(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+def sample_points(rng, n: int, half: float, min_dist: list[list[float]]) -> np.ndarray:
+    """n points uniform in [-half, half]^2 with pairwise distance >= min_dist[i][j] (rejection sampling)."""
+    for _ in range(10_000):
+        p = rng.uniform(-half, half, size=(n, 2))
+        ok = all(np.linalg.norm(p[i] - p[j]) >= min_dist[i][j] for i in range(n) for j in range(i))
+        if ok:
+            return p
+    raise RuntimeError("could not place objects; loosen the layout constraints")
+
+
+def toward(p: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """Action that moves the pusher straight at `goal`, saturating at full speed beyond 4 cm."""
+    return np.clip((goal - p) / MAX_DELTA, -1.0, 1.0).astype(np.float32)
+
+
+def detour(p: np.ndarray, goal: np.ndarray, obstacles: list[np.ndarray]) -> np.ndarray:
+    """Waypoint that keeps the pusher's straight path to `goal` clear of other blocks (it would knock them away)."""
+    clear = BLOCK_H * np.sqrt(2) + PUSHER_R + 0.015
+    seg = goal - p
+    dist = np.linalg.norm(seg)
+    if dist < 1e-6:
+        return goal
+    fwd = seg / dist
+    for o in obstacles:
+        s = float((o - p) @ fwd)
+        off = p + s * fwd - o  # from the obstacle to the closest point of the path
+        if 0 < s < dist and np.linalg.norm(off) < clear:
+            side = off / np.linalg.norm(off) if np.linalg.norm(off) > 1e-6 else np.array([-fwd[1], fwd[0]])
+            return o + side * (clear + 0.01) + fwd * clear  # beside and past the obstacle, on the near side
+    return goal
+
+
+def push_lane_dist(block: np.ndarray, pad: np.ndarray, point: np.ndarray) -> float:
+    """Distance from `point` to the lane the expert sweeps when it pushes `block` onto `pad` (pre-push point -> pad)."""
+    u = (pad - block) / max(np.linalg.norm(pad - block), 1e-6)
+    start = block - u * (BLOCK_H * np.sqrt(2) + PUSHER_R + 0.015)
+    seg = pad - start
+    s = np.clip((point - start) @ seg / (seg @ seg), 0.0, 1.0)
+    return float(np.linalg.norm(start + s * seg - point))
+
+
+LANE_CLEAR = 0.10  # layouts keep other blocks (and the first pad) this far from a push lane: no collisions en route
+
+
+def push_action(p: np.ndarray, c: np.ndarray, g: np.ndarray, obstacles: list[np.ndarray] = ()) -> tuple:
+    """Stateless pushing expert (../shared/notes/mujoco.md §2): get behind the block, then push it through the goal.
+
+    u: unit vector block -> goal; along/lat: the pusher's offset from the block along u and across it.
+    Moves that are not pushes go round `obstacles` (the other blocks). Returns (action, detour waypoint or None).
+    """
+    d = np.linalg.norm(g - c)
+    u = (g - c) / max(d, 1e-6)
+    perp = np.array([-u[1], u[0]])
+    along, lat = float((p - c) @ u), float((p - c) @ perp)
+    r = BLOCK_H * np.sqrt(2) + PUSHER_R  # block circumradius + pusher: clear of any corner
+    side = 1.0 if lat >= 0 else -1.0
+    if abs(lat) < 0.015 and along < -(BLOCK_H + PUSHER_R) + 0.005:  # lined up behind: push, correcting drift
+        return toward(p, c + u * min(d + 0.01, 0.05) - perp * lat), None
+    if along < -r:  # behind but off the line: go to the pre-push point
+        goal = c - u * (r + 0.015)
+    elif abs(lat) < r + 0.01:  # beside or in front and close: step sideways, away from the push line
+        goal = c + u * along + perp * side * (r + 0.025)
+    else:  # clear to the side: slide back behind the block
+        goal = c - u * (r + 0.025) + perp * side * (r + 0.025)
+    lim = TABLE - PUSHER_R
+    way = np.clip(detour(p, goal, list(obstacles)), -lim, lim)
+    return toward(p, way), (way if np.linalg.norm(way - goal) > 1e-6 else None)
+
+
+class Reach(TabletopEnv):
+    """Easy: move the pusher onto the named one of three pads."""
+
+    pads = ["red", "green", "blue"]
+    horizon = 30
+
+    def sample_layout(self, rng):
+        pts = sample_points(rng, 4, 0.19, [[0], [0.12, 0], [0.12, 0.12, 0], [0.12, 0.12, 0.12, 0]])
+        self.target = self.pads[rng.integers(3)]
+        text = REACH_TEMPLATES[rng.integers(len(REACH_TEMPLATES))].format(pad=self.target)
+        return pts[0], {}, dict(zip(self.pads, pts[1:])), text
+
+    def success(self):
+        return np.linalg.norm(self.pusher() - self.pad(self.target)) < SUCCESS_R
+
+    def expert_action(self):
+        return toward(self.pusher(), self.pad(self.target))
+
+
+class PushCube(TabletopEnv):
+    """Medium: two blocks, one pad; push the named block onto the pad (the other block is a distractor)."""
+
+    blocks = ["red", "blue"]
+    pads = ["green"]
+    horizon = 50
+
+    def sample_layout(self, rng):
+        # pusher, block 1, block 2, pad. Blocks and pads stay 11 cm inside the edge: the expert can get behind a block.
+        while True:
+            pts = sample_points(rng, 4, 0.19, [[0], [0.09, 0], [0.09, 0.12, 0], [0.06, 0.12, 0.1, 0]])
+            k = rng.integers(2)  # index of the target block
+            if np.abs(pts[1:4]).max() < 0.14 and push_lane_dist(pts[1 + k], pts[3], pts[2 - k]) > LANE_CLEAR:
+                break
+        self.target = self.blocks[k]
+        text = PUSH_TEMPLATES[rng.integers(len(PUSH_TEMPLATES))].format(block=self.target, pad="green")
+        return pts[0], dict(zip(self.blocks, pts[1:3])), {"green": pts[3]}, text
+
+    def success(self):
+        return np.linalg.norm(self.block(self.target) - self.pad("green")) < SUCCESS_R
+
+    def expert_action(self):
+        return self.follow_push(self.target, "green", [c for c in self.blocks if c != self.target])
+
+
+class PushTwo(TabletopEnv):
+    """Multi-stage: push block A onto pad A, then block B onto pad B; success when both are on at once."""
+
+    blocks = ["red", "blue"]
+    pads = ["green", "yellow"]
+    horizon = 80
+
+    def sample_layout(self, rng):
+        while True:
+            pts = sample_points(
+                rng, 5, 0.19, [[0], [0.09, 0], [0.09, 0.14, 0], [0.06, 0.12, 0.12, 0], [0.06, 0.12, 0.12, 0.14, 0]]
+            )
+            # i: the first block, j: its pad (points 1-2 are blocks, 3-4 pads); the lanes must not cross
+            i, j = rng.integers(2), rng.integers(2)
+            b1, b2, p1, p2 = pts[1 + i], pts[2 - i], pts[3 + j], pts[4 - j]
+            lanes_clear = push_lane_dist(b1, p1, b2) > LANE_CLEAR and push_lane_dist(b2, p2, p1) > LANE_CLEAR
+            if np.abs(pts[1:5]).max() < 0.14 and lanes_clear:
+                break
+        self.order = [(self.blocks[i], self.pads[j]), (self.blocks[1 - i], self.pads[1 - j])]
+        (b1, p1), (b2, p2) = self.order
+        text = PUSH_TWO_TEMPLATES[rng.integers(len(PUSH_TWO_TEMPLATES))].format(block=b1, pad=p1, block2=b2, pad2=p2)
+        return pts[0], dict(zip(self.blocks, pts[1:3])), dict(zip(self.pads, pts[3:5])), text
+
+    def on_pad(self, b, p, tol=SUCCESS_R):
+        return np.linalg.norm(self.block(b) - self.pad(p)) < tol
+
+    def success(self):
+        return all(self.on_pad(b, p) for b, p in self.order)
+
+    def expert_action(self):
+        # stage 1 until the first block is well inside its pad (hysteresis: a block at the rim would be knocked off)
+        (b1, p1), (b2, p2) = self.order
+        if not self.on_pad(b1, p1, tol=SUCCESS_R * 0.7):
+            return self.follow_push(b1, p1, [b2])
+        return self.follow_push(b2, p2, [b1])
+
+
+TASKS = ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]
+for _name, _cls in [("Reach", Reach), ("PushCube", PushCube), ("PushTwo", PushTwo)]:
+    if f"wmpo/{_name}-v0" not in gym.registry:
+        gym.register(f"wmpo/{_name}-v0", entry_point=_cls, max_episode_steps=None)
+
+
+def make(task: str, **kwargs) -> gym.Env:
+    """gym.make with a clear error for an unknown task id."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task id {task!r}; known tasks: {', '.join(TASKS)}")
+    return gym.make(task, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# episode storage: safetensors shards, one task per shard (object_pos rows differ between tasks)
+#
+# An episode of T actions has T + 1 frames. Every per-step array has T + 1 rows: frames[t] is the observation
+# on which actions[t] was taken; success[t] says whether frames[t] shows success; the last action row is zeros.
+
+FORMAT = "wmpo-episodes-v1"
+
+
+def save_episodes(path: str, episodes: list[dict], **meta) -> None:
+    """Write episodes (dicts from `collect`) to one shard, atomically (temp file + fsync + rename)."""
+    from safetensors.numpy import save_file
+
+    assert episodes, "no episodes to save"
+    tasks = {ep["task"] for ep in episodes}
+    assert len(tasks) == 1, f"one task per shard, got {sorted(tasks)}"
+    lengths = [len(ep["frames"]) for ep in episodes]
+    tensors = {
+        "frames": np.concatenate([ep["frames"] for ep in episodes]).astype(np.uint8),
+        "actions": np.concatenate([ep["actions"] for ep in episodes]).astype(np.float32),
+        "success": np.concatenate([ep["success"] for ep in episodes]).astype(np.uint8),
+        "object_pos": np.concatenate([ep["object_pos"] for ep in episodes]).astype(np.float32),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    }
+    header = {
+        "format": FORMAT,
+        "task": episodes[0]["task"],
+        "episodes": [{"instruction": ep["instruction"], "seed": int(ep["seed"])} for ep in episodes],
+        **meta,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"wmpo": json.dumps(header)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_episodes(path: str) -> list[dict]:
+    """Read and validate one shard; any corrupt, truncated or mismatched file raises ValueError naming it."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"episode shard {path} does not exist")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            header = json.loads((f.metadata() or {}).get("wmpo", "null"))
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated/garbled files
+        raise ValueError(f"episode shard {path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"episode shard {path} has no '{FORMAT}' metadata: not written by envs.save_episodes")
+    expect = {"frames": np.uint8, "actions": np.float32, "success": np.uint8, "object_pos": np.float32}
+    for k, dt in [*expect.items(), ("offsets", np.int64)]:
+        if k not in arrays:
+            raise ValueError(f"episode shard {path} lacks tensor {k!r}")
+        if arrays[k].dtype != dt:
+            raise ValueError(f"episode shard {path}: {k} has dtype {arrays[k].dtype}, expected {np.dtype(dt)}")
+    n = len(arrays["frames"])
+    if arrays["frames"].shape[1:] != (IMG, IMG, 3):
+        raise ValueError(f"episode shard {path}: frames have shape {arrays['frames'].shape}, expected [N, 64, 64, 3]")
+    for k in ["actions", "success", "object_pos"]:
+        if len(arrays[k]) != n:
+            raise ValueError(f"episode shard {path}: {k} has {len(arrays[k])} rows but frames have {n}")
+    off = arrays["offsets"]
+    if off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 2) or len(off) != len(header["episodes"]) + 1:
+        raise ValueError(f"episode shard {path}: offsets do not match {n} frames and {len(header['episodes'])} episodes")
+    episodes = []
+    for i, ep_meta in enumerate(header["episodes"]):
+        s, e = off[i], off[i + 1]
+        episodes.append(
+            {
+                "frames": arrays["frames"][s:e],
+                "actions": arrays["actions"][s:e],
+                "success": arrays["success"][s:e].astype(bool),
+                "object_pos": arrays["object_pos"][s:e],
+                "task": header["task"],
+                "instruction": ep_meta["instruction"],
+                "seed": ep_meta["seed"],
+            }
+        )
+    return episodes
+
+
+def load_dir(folder: str, prefix: str) -> list[dict]:
+    """All episodes of the shards `folder/<prefix>-*.safetensors`, in sorted file order."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, f"{prefix}-*.safetensors")))
+    return [ep for p in paths for ep in load_episodes(p)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# collection: any policy, vectorised envs, a progress bar
+#
+# A policy is a callable (obs uint8 [n, 64, 64, 3], instructions list[str], venv) -> actions [n, k, 2]: it returns
+# a chunk of k actions per env, executed open-loop (k = 1 for the experts, k = 8 for the VLA's action chunks).
+
+
+def expert_policy(noise: float = 0.0, seed: int = 0):
+    """The scripted expert, optionally with Gaussian action noise of std `noise` (a tunable worse policy)."""
+    rng = np.random.default_rng(seed)
+
+    def policy(obs, instructions, venv):
+        a = np.stack(venv.call("expert_action")).astype(np.float32)
+        a = a + noise * rng.standard_normal(a.shape).astype(np.float32)
+        return np.clip(a, -1, 1)[:, None]  # (n, 1, 2)
+
+    return policy
+
+
+def make_vec(task: str, n: int, asynchronous: bool = False) -> gym.vector.VectorEnv:
+    make(task).close()  # validates the id before any worker starts
+    fns = [lambda: gym.make(task) for _ in range(n)]
+    return gym.vector.AsyncVectorEnv(fns, context="spawn") if asynchronous else gym.vector.SyncVectorEnv(fns)
+
+
+def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronous: bool = False, desc: str = ""):
+    """Run `policy` for one episode per seed in `num_envs` vectorised envs; return the episodes (see storage)."""
+    venv = make_vec(task, min(num_envs, len(seeds)), asynchronous)
+    episodes = []
+    bar = tqdm(total=len(seeds), desc=desc or f"collect {task}", leave=False)
+    for start in range(0, len(seeds), venv.num_envs):
+        batch = seeds[start : start + venv.num_envs]
+        n = len(batch)
+        # the last batch may be short: pad with repeats of its seeds and drop them afterwards
+        obs, info = venv.reset(seed=[batch[i % n] for i in range(venv.num_envs)])
+        instr = list(venv.get_attr("instruction"))
+        rec = [
+            {"frames": [obs[i]], "actions": [], "success": [bool(info["success"][i])], "object_pos": [info["object_pos"][i]]}
+            for i in range(venv.num_envs)
+        ]
+        done = np.zeros(venv.num_envs, bool)
+        while not done.all():
+            chunk = np.asarray(policy(obs, instr, venv), dtype=np.float32)
+            for j in range(chunk.shape[1]):
+                obs, _, term, trunc, info = venv.step(chunk[:, j])
+                for i in np.flatnonzero(~done):
+                    rec[i]["actions"].append(chunk[i, j])
+                    rec[i]["frames"].append(obs[i])
+                    rec[i]["success"].append(bool(info["success"][i]))
+                    rec[i]["object_pos"].append(info["object_pos"][i])
+                done |= term | trunc
+                if done.all():
+                    break
+        for i in range(n):
+            r = rec[i]
+            episodes.append(
+                {
+                    "frames": np.stack(r["frames"]),
+                    "actions": np.concatenate([np.stack(r["actions"]), np.zeros((1, 2), np.float32)]),
+                    "success": np.array(r["success"]),
+                    "object_pos": np.stack(r["object_pos"]),
+                    "task": task,
+                    "instruction": instr[i],
+                    "seed": batch[i],
+                }
+            )
+        bar.update(n)
+    bar.close()
+    venv.close()
+    return episodes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `python envs.py`: expert success per task and env steps/s (a benchmark, not a test)
+
+if __name__ == "__main__":
+    import time
+
+    import tyro
+    from dataclasses import dataclass
+
+    @dataclass
+    class Args:
+        episodes: int = 100
+        """expert episodes per task"""
+        bench_steps: int = 2000
+        """env steps for the speed measurement"""
+        num_envs: int = 4
+        """envs in the vectorised speed measurement"""
+
+    args = tyro.cli(Args)
+    print(f"{'task':20s} {'expert success':>15s} {'mean len':>9s} {'steps/s (1 env)':>16s} "
+          f"{'steps/s sync x' + str(args.num_envs):>18s} {'steps/s async x' + str(args.num_envs):>19s}")
+    for task in TASKS:
+        eps = collect(task, expert_policy(), list(range(10_000, 10_000 + args.episodes)))
+        succ = np.array([ep["success"][-1] for ep in eps])
+        lens = np.array([len(ep["actions"]) - 1 for ep in eps])
+        env = make(task)
+        env.reset(seed=0)
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        for _ in range(args.bench_steps):
+            _, _, term, trunc, _ = env.step(rng.uniform(-1, 1, 2))
+            if term or trunc:
+                env.reset()
+        single = args.bench_steps / (time.perf_counter() - t0)
+        env.close()
+        rates = []
+        for asyn in [False, True]:
+            venv = make_vec(task, args.num_envs, asyn)
+            venv.reset(seed=0)
+            n = args.bench_steps // args.num_envs
+            t0 = time.perf_counter()
+            for _ in range(n):
+                venv.step(rng.uniform(-1, 1, (args.num_envs, 2)))
+            rates.append(n * args.num_envs / (time.perf_counter() - t0))
+            venv.close()
+        print(f"{task:20s} {succ.mean():>15.1%} {lens[succ].mean():>9.1f} {single:>16.0f} {rates[0]:>18.0f} {rates[1]:>19.0f}")
