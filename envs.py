@@ -18,6 +18,7 @@ Speed (../shared/notes/mujoco.md): EGL, shadows and MSAA off, LP_NUM_THREADS=0 (
 Run `python envs.py` for expert success rates and env steps/s per task.
 """
 
+import functools
 import json
 import os
 
@@ -501,9 +502,13 @@ def expert_policy(noise: float = 0.0, seed: int = 0):
     return policy
 
 
+def make_env(task: str) -> gym.Env:
+    return gym.make(task)  # a module-level function pickles by reference: spawned workers import envs (registering ids)
+
+
 def make_vec(task: str, n: int, asynchronous: bool = False) -> gym.vector.VectorEnv:
     make(task).close()  # validates the id before any worker starts
-    fns = [lambda: gym.make(task) for _ in range(n)]
+    fns = [functools.partial(make_env, task) for _ in range(n)]
     return gym.vector.AsyncVectorEnv(fns, context="spawn") if asynchronous else gym.vector.SyncVectorEnv(fns)
 
 
