@@ -379,6 +379,17 @@ class PushTwo(TabletopEnv):
 
 
 TASKS = ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]
+
+# Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
+SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000, "wmpo": 400_000,
+             "grpo_real": 500_000, "eval": 1_000_000}
+
+
+def seeds(purpose: str, task: str, n: int, start: int = 0) -> list[int]:
+    """n reset seeds for `purpose` on `task`: 10,000 per task inside a purpose's 100,000 block."""
+    base = SEED_BASE[purpose] + TASKS.index(task) * 10_000 + start
+    assert start + n <= 10_000, "seed range exhausted"
+    return list(range(base, base + n))
 for _name, _cls in [("Reach", Reach), ("PushCube", PushCube), ("PushTwo", PushTwo)]:
     if f"wmpo/{_name}-v0" not in gym.registry:
         gym.register(f"wmpo/{_name}-v0", entry_point=_cls, max_episode_steps=None)

@@ -1,0 +1,142 @@
+"""Real-environment evaluation: success rate of policy checkpoints on every task, with videos.
+
+    python eval.py --checkpoints policy_sft policy_wmpo --episodes 500                 # greedy
+    python eval.py --checkpoints policy_sft policy_wmpo --episodes 500 --temperatures 0 1.6
+
+Writes into the run folder: eval.json (per checkpoint, task: success rate, 95% Wilson interval, episodes, mean
+length of successful episodes), eval.md (the checkpoints side by side) and videos/<checkpoint>-<task>.gif (a few
+episodes, border green on success, red on failure). Evaluation seeds (envs.seeds("eval", ...)) are disjoint from
+every seed used for demos, rollouts and training. A temperature T > 0 is reported under "<checkpoint>@T<T>".
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import envs
+import wmpo
+
+
+@dataclass
+class Args:
+    run_dir: str = "runs/demo"
+    """run folder holding the checkpoints"""
+    preset: str = "tiny"
+    """accepted for symmetry with the other scripts; evaluation does not depend on it"""
+    checkpoints: tuple[str, ...] = ("policy_sft",)
+    """checkpoint names in the run folder (without .safetensors)"""
+    tasks: tuple[str, ...] = tuple(envs.TASKS)
+    episodes: int = 100
+    """episodes per task (use >= 500 for results that are compared: standard error ~2 points)"""
+    temperatures: tuple[float, ...] = (0.0,)
+    """0 = greedy (argmax tokens); the paper rolls out at 1.6"""
+    num_envs: int = 16
+    videos: int = 4
+    """episodes per task shown in each GIF (0: none)"""
+    seed: int = 0
+    """torch seed for sampling at T > 0"""
+    device: str = "cpu"
+    out: str = "eval"
+    """output name: <out>.json and <out>.md in the run folder"""
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(episodes: list[dict]) -> dict:
+    succ = np.array([bool(ep["success"][-1]) for ep in episodes])
+    lens = np.array([len(ep["actions"]) - 1 for ep in episodes])
+    lo, hi = wilson(int(succ.sum()), len(succ))
+    return {
+        "success_rate": float(succ.mean()),
+        "ci95": [lo, hi],
+        "episodes": len(succ),
+        "mean_success_len": float(lens[succ].mean()) if succ.any() else None,
+    }
+
+
+def video(episodes: list[dict], path: str, scale: int = 2) -> None:
+    """A row of episodes as one GIF; each tile gets a green (success) or red (failure) border once it ends."""
+    import imageio
+
+    T = max(len(ep["frames"]) for ep in episodes)
+    tiles = []
+    for ep in episodes:
+        f = np.concatenate([ep["frames"], np.repeat(ep["frames"][-1:], T - len(ep["frames"]), 0)])
+        f = np.pad(f.repeat(scale, 1).repeat(scale, 2), ((0, 0), (3, 3), (3, 3), (0, 0)))
+        color = np.array([40, 220, 40] if ep["success"][-1] else [230, 40, 40], np.uint8)
+        end = len(ep["frames"]) - 1
+        for t in range(end, T):  # border from the last real frame on
+            f[t, :3], f[t, -3:], f[t, :, :3], f[t, :, -3:] = color, color, color, color
+        tiles.append(f)
+    grid = np.concatenate(tiles, axis=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, list(grid), duration=0.1, loop=0)
+
+
+def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: int, device="cpu") -> list[dict]:
+    fn = wmpo.policy_fn(policy, temperature, device)
+    return envs.collect(task, fn, envs.seeds("eval", task, n), num_envs=num_envs, desc=f"eval {task} T={temperature}")
+
+
+def markdown(results: dict, tasks: list[str]) -> str:
+    names = list(results)
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task in tasks + ["mean"]:
+        cells = []
+        for name in names:
+            r = results[name][task]
+            ci = f" [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]" if "ci95" in r else ""
+            cells.append(f"{r['success_rate']:.1%}{ci}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| episodes per task | " + " | ".join(str(results[n][tasks[0]]["episodes"]) for n in names) + " |")
+    lines.append("| mean success length | " + " | ".join(
+        "/".join(f"{results[n][t]['mean_success_len']:.1f}" if results[n][t]["mean_success_len"] else "-" for t in tasks)
+        for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args):
+    for t in args.tasks:
+        envs.make(t).close()  # an unknown id fails before any work
+    torch.manual_seed(args.seed)
+    results = {}
+    for name in args.checkpoints:
+        path = wmpo.require(os.path.join(args.run_dir, f"{name}.safetensors"),
+                            "python train_policy.py sft (or wmpo / grpo-real) --run-dir " + args.run_dir)
+        policy = wmpo.load(path, args.device, expect="VLA").eval()
+        for temp in args.temperatures:
+            key = name if temp == 0 else f"{name}@T{temp:g}"
+            results[key] = {}
+            for task in args.tasks:
+                eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device)
+                results[key][task] = summarize(eps)
+                r = results[key][task]
+                print(f"{key:24s} {task:20s} success {r['success_rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
+                      f" n={r['episodes']}")
+                if args.videos:
+                    video(eps[: args.videos], os.path.join(args.run_dir, "videos", f"{key}-{task.split('/')[1]}.gif"))
+            rates = [results[key][t]["success_rate"] for t in args.tasks]
+            results[key]["mean"] = {"success_rate": float(np.mean(rates)), "episodes": args.episodes * len(args.tasks)}
+    data = json.dumps(results, indent=2)
+    wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.json"), lambda tmp: open(tmp, "w").write(data))
+    md = markdown(results, list(args.tasks))
+    wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.md"), lambda tmp: open(tmp, "w").write(md))
+    print(md)
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
