@@ -426,6 +426,8 @@ def save_episodes(path: str, episodes: list[dict], **meta) -> None:
         "object_pos": np.concatenate([ep["object_pos"] for ep in episodes]).astype(np.float32),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
+    if all("labels" in ep for ep in episodes):  # teacher labels (DART demos), optional
+        tensors["labels"] = np.concatenate([ep["labels"] for ep in episodes]).astype(np.float32)
     header = {
         "format": FORMAT,
         "task": episodes[0]["task"],
@@ -463,8 +465,8 @@ def load_episodes(path: str) -> list[dict]:
     n = len(arrays["frames"])
     if arrays["frames"].shape[1:] != (IMG, IMG, 3):
         raise ValueError(f"episode shard {path}: frames have shape {arrays['frames'].shape}, expected [N, 64, 64, 3]")
-    for k in ["actions", "success", "object_pos"]:
-        if len(arrays[k]) != n:
+    for k in ["actions", "success", "object_pos", "labels"]:
+        if k in arrays and len(arrays[k]) != n:
             raise ValueError(f"episode shard {path}: {k} has {len(arrays[k])} rows but frames have {n}")
     off = arrays["offsets"]
     if off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 2) or len(off) != len(header["episodes"]) + 1:
@@ -481,6 +483,7 @@ def load_episodes(path: str) -> list[dict]:
                 "task": header["task"],
                 "instruction": ep_meta["instruction"],
                 "seed": ep_meta["seed"],
+                **({"labels": arrays["labels"][s:e]} if "labels" in arrays else {}),
             }
         )
     return episodes
@@ -499,16 +502,20 @@ def load_dir(folder: str, prefix: str) -> list[dict]:
 #
 # A policy is a callable (obs uint8 [n, 64, 64, 3], instructions list[str], venv) -> actions [n, k, 2]: it returns
 # a chunk of k actions per env, executed open-loop (k = 1 for the experts, k = 8 for the VLA's action chunks).
+# It may return (actions, labels): the episode then also stores "labels", the actions a teacher would have taken.
 
 
-def expert_policy(noise: float = 0.0, seed: int = 0):
-    """The scripted expert, optionally with Gaussian action noise of std `noise` (a tunable worse policy)."""
+def expert_policy(noise: float = 0.0, seed: int = 0, dart: bool = False):
+    """The scripted expert, optionally with Gaussian action noise of std `noise` (a tunable worse policy).
+
+    dart=True executes the noisy action but labels the step with the clean expert action (DART, Laskey et al.
+    2017): the demonstrations then show how to recover from the small errors a cloned policy makes."""
     rng = np.random.default_rng(seed)
 
     def policy(obs, instructions, venv):
-        a = np.stack(venv.call("expert_action")).astype(np.float32)
-        a = a + noise * rng.standard_normal(a.shape).astype(np.float32)
-        return np.clip(a, -1, 1)[:, None]  # (n, 1, 2)
+        clean = np.stack(venv.call("expert_action")).astype(np.float32)
+        a = np.clip(clean + noise * rng.standard_normal(clean.shape).astype(np.float32), -1, 1)
+        return (a[:, None], clean[:, None]) if dart else a[:, None]  # (n, 1, 2)
 
     return policy
 
@@ -535,16 +542,21 @@ def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronou
         obs, info = venv.reset(seed=[batch[i % n] for i in range(venv.num_envs)])
         instr = list(venv.get_attr("instruction"))
         rec = [
-            {"frames": [obs[i]], "actions": [], "success": [bool(info["success"][i])], "object_pos": [info["object_pos"][i]]}
+            {"frames": [obs[i]], "actions": [], "labels": [], "success": [bool(info["success"][i])],
+             "object_pos": [info["object_pos"][i]]}
             for i in range(venv.num_envs)
         ]
         done = np.zeros(venv.num_envs, bool)
         while not done.all():
-            chunk = np.asarray(policy(obs, instr, venv), dtype=np.float32)
+            out = policy(obs, instr, venv)
+            chunk, labels = (out if isinstance(out, tuple) else (out, None))
+            chunk = np.asarray(chunk, dtype=np.float32)
             for j in range(chunk.shape[1]):
                 obs, _, term, trunc, info = venv.step(chunk[:, j])
                 for i in np.flatnonzero(~done):
                     rec[i]["actions"].append(chunk[i, j])
+                    if labels is not None:
+                        rec[i]["labels"].append(labels[i, j])
                     rec[i]["frames"].append(obs[i])
                     rec[i]["success"].append(bool(info["success"][i]))
                     rec[i]["object_pos"].append(info["object_pos"][i])
@@ -553,17 +565,18 @@ def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronou
                     break
         for i in range(n):
             r = rec[i]
-            episodes.append(
-                {
-                    "frames": np.stack(r["frames"]),
-                    "actions": np.concatenate([np.stack(r["actions"]), np.zeros((1, 2), np.float32)]),
-                    "success": np.array(r["success"]),
-                    "object_pos": np.stack(r["object_pos"]),
-                    "task": task,
-                    "instruction": instr[i],
-                    "seed": batch[i],
-                }
-            )
+            ep = {
+                "frames": np.stack(r["frames"]),
+                "actions": np.concatenate([np.stack(r["actions"]), np.zeros((1, 2), np.float32)]),
+                "success": np.array(r["success"]),
+                "object_pos": np.stack(r["object_pos"]),
+                "task": task,
+                "instruction": instr[i],
+                "seed": batch[i],
+            }
+            if r["labels"]:
+                ep["labels"] = np.concatenate([np.stack(r["labels"]), np.zeros((1, 2), np.float32)]).astype(np.float32)
+            episodes.append(ep)
         bar.update(n)
     bar.close()
     venv.close()

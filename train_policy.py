@@ -38,6 +38,8 @@ class SFTArgs:
     # data
     demos: tuple[int, ...] = ()
     """expert demonstrations per task, in --tasks order (empty: the preset's budget)"""
+    dart_noise: float = 0.3
+    """DART: demos execute the expert's action plus this Gaussian noise, labelled with the clean action"""
     # optim
     num_steps: int = -1
     """optimizer steps (-1: the preset's)"""
@@ -53,7 +55,7 @@ class SFTArgs:
 
 # Demo budgets per task leave the base policy 20-60% real success on each task (README, "Base policy").
 SFT_PRESETS = {
-    "tiny": {"demos": (20, 100, 200), "num_steps": 2000},
+    "tiny": {"demos": (30, 300, 600), "num_steps": 3000},
     "small": {"demos": (20, 100, 200), "num_steps": 6000},
     "gpu": {"demos": (20, 100, 200), "num_steps": 20000},
 }
@@ -64,7 +66,8 @@ def chunk_targets(episodes: list[dict], K: int, bins: int):
     frames, words, tokens, masks = [], [], [], []
     for ep in episodes:
         T = len(ep["actions"]) - 1  # real actions (the last row is padding)
-        acts = np.concatenate([ep["actions"][:T], np.zeros((K, 2), np.float32)])
+        target = ep.get("labels", ep["actions"])  # DART demos: the clean expert's action in each visited state
+        acts = np.concatenate([target[:T], np.zeros((K, 2), np.float32)])
         idx = np.arange(T)[:, None] + np.arange(K)[None]  # (T, K)
         frames.append(ep["frames"][:T])
         tokens.append(rearrange(wmpo.action_to_tokens(torch.from_numpy(acts[idx]), bins), "t k a -> t (k a)"))
@@ -78,12 +81,13 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
     episodes = []
     for task, n in zip(args.tasks, budgets):
         name = task.split("/")[1].lower()
-        path = os.path.join(data_dir, f"demos-{name}-{n}.safetensors")
+        path = os.path.join(data_dir, f"demos-{name}-{n}-dart{args.dart_noise:g}.safetensors")
         if os.path.exists(path):
             eps = envs.load_episodes(path)  # reuse: same task, same budget, same seeds
         else:
-            eps = envs.collect(task, envs.expert_policy(), envs.seeds("demos", task, n), desc=f"demos {task}")
-            envs.save_episodes(path, eps, policy="expert")
+            expert = envs.expert_policy(args.dart_noise, seed=args.seed, dart=args.dart_noise > 0)
+            eps = envs.collect(task, expert, envs.seeds("demos", task, n), desc=f"demos {task}")
+            envs.save_episodes(path, eps, policy="expert", dart_noise=args.dart_noise)
         print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
         episodes += eps
     return episodes

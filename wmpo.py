@@ -220,6 +220,402 @@ def policy_fn(policy: VLA, temperature: float, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 2. frame codec: 64x64x3 pixels <-> 8x8 grid of `latent_ch` channels (the paper's per-frame 2D VAE, as an AE)
+
+
+@dataclass
+class CodecConfig:
+    width: int = 32
+    latent_ch: int = 16  # latent grid (latent_ch, 8, 8): 1,024 numbers per 12,288-value frame
+    object_weight: float = 10.0  # extra reconstruction weight on non-table pixels: small objects must not wash out
+    latent_noise: float = 0.05  # noise on latents in training: the decoder must tolerate imperfect predictions
+    table_rgb: tuple[float, float, float] = (-0.5, -0.5, -0.5)  # table colour in [-1, 1], measured from data
+
+
+class FrameCodec(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, z = cfg.width, cfg.latent_ch
+        self.enc = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), nn.GELU(),  # 32x32
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GELU(),  # 16x16
+            nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.GELU(),  # 8x8
+            nn.Conv2d(2 * w, z, 3, 1, 1),
+        )  # fmt: skip
+        self.dec = nn.Sequential(
+            nn.Conv2d(z, 2 * w, 3, 1, 1), nn.GELU(),
+            nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1), nn.GELU(),  # 16x16
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.GELU(),  # 32x32
+            nn.ConvTranspose2d(w, 3, 4, 2, 1),  # 64x64
+        )  # fmt: skip
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., h, w, c) -> latents (..., z, 8, 8) in [-1, 1] (tanh keeps the flow model's scale fixed)."""
+        lead = frames.shape[:-3]
+        x = frames_to_model(frames.reshape(-1, *frames.shape[-3:]))
+        return torch.tanh(self.enc(x)).reshape(*lead, self.cfg.latent_ch, 8, 8)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (..., z, 8, 8) -> float pixels (..., 3, 64, 64) in [-1, 1]."""
+        lead = latents.shape[:-3]
+        return self.dec(latents.reshape(-1, *latents.shape[-3:])).reshape(*lead, 3, 64, 64)
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        """float (..., c, h, w) in [-1, 1] -> uint8 (..., h, w, c): imagined frames are quantised like real ones."""
+        return rearrange(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), "... c h w -> ... h w c")
+
+    def forward(self, frames):
+        x = frames_to_model(frames)  # (b, c, h, w)
+        z = torch.tanh(self.enc(x))
+        recon = self.dec(z + self.cfg.latent_noise * torch.randn_like(z))
+        table = torch.tensor(self.cfg.table_rgb, device=x.device)[None, :, None, None]
+        is_object = ((x - table).abs().sum(1, keepdim=True) > 0.15).float()
+        weight = 1 + self.cfg.object_weight * is_object
+        loss = (weight * (recon - x) ** 2).mean()
+        mse = F.mse_loss(recon.clamp(-1, 1), x)
+        return loss, {"codec/loss": loss.item(), "codec/psnr": (10 * torch.log10(4 / mse)).item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. world model: rectified flow over latent frame tokens, frame-causal attention, per-frame AdaLN actions
+
+
+@dataclass
+class WorldModelConfig:
+    latent_ch: int = 16
+    grid: int = 8  # latent grid side
+    patch: int = 2  # latent patch per token: (8 / 2)^2 = 16 tokens per frame
+    context: int = 4  # context frames (the paper's 4)
+    chunk: int = 8  # frames predicted per call, one per action (the paper's 8)
+    action_dim: int = 2
+    d: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    ctx_noise: float = 0.05  # noisy-context level in training (paper 50/1000; its code 15/1000)
+    sample_steps: int = 4  # Euler steps of the rectified-flow sampler
+
+    @property
+    def frame_tokens(self) -> int:
+        return (self.grid // self.patch) ** 2
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of flow times in [0, 1]. t: (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+    args = t[..., None].float() * 1000.0 * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with AdaLN-zero modulation from a per-token condition (its frame's action + time)."""
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        d = cfg.d
+        self.n_head = cfg.n_head
+        self.frame_len = cfg.frame_tokens
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.ada = nn.Linear(d, 6 * d)
+        nn.init.zeros_(self.ada.weight)  # AdaLN-zero: every block starts as the identity
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, cond, cache=None, q_frame_offset=0):
+        """x (b, t*n, d) tokens, cond (b, t, d) one condition per frame (modulation is shared by a frame's tokens).
+        cache: (k, v) of earlier frames, (b, heads, n_ctx, d_head), or None.
+
+        Returns (x, (k, v)) with this call's keys/values, so a caller can cache the context's.
+        """
+        from kernels.frame_attention import frame_attention, frame_attention_rollout
+
+        t = cond.shape[1]
+        mods = rearrange(self.ada(F.silu(cond)), "b t d -> b t 1 d").chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods  # each (b, t, 1, d)
+
+        def modulate(h, shift, scale):  # (b, t*n, d) -> per-frame affine
+            return rearrange(rearrange(h, "b (t n) d -> b t n d", t=t) * (1 + scale) + shift, "b t n d -> b (t n) d")
+
+        def gated(h, gate):
+            return rearrange(rearrange(h, "b (t n) d -> b t n d", t=t) * gate, "b t n d -> b (t n) d")
+
+        h = modulate(self.ln1(x), shift1, scale1)
+        q, k, v = rearrange(self.qkv(h), "b n (three nh dh) -> three b nh n dh", three=3, nh=self.n_head)
+        if cache is None:
+            a = frame_attention(q, k, v, self.frame_len)  # a token of frame t sees frames 0..t
+        else:
+            k_all, v_all = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            a = frame_attention_rollout(q, k_all, v_all, self.frame_len, q_frame_offset)
+        x = x + gated(self.proj(rearrange(a, "b nh n dh -> b n (nh dh)")), gate1)
+        x = x + gated(self.mlp(modulate(self.ln2(x), shift2, scale2)), gate2)
+        return x, (k, v)
+
+
+class WorldModel(nn.Module):
+    """p(next K latent frames | 4 context latents, K actions), sampled by rectified flow.
+
+    Targets are residuals against the last context frame (most pixels do not move), the flow interpolates
+    x_t = t * x1 + (1 - t) * noise with velocity target x1 - noise, and context latents are noised to
+    `ctx_noise` in training (with that noise level as their time embedding) so that imperfect generated context
+    does not derail long rollouts. Context frames carry a learned "no action" embedding.
+    """
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.d, cfg.patch
+        tok_dim = cfg.latent_ch * p * p
+        self.inp = nn.Linear(tok_dim, d)
+        self.pos_space = nn.Parameter(torch.zeros(cfg.frame_tokens, d))
+        self.pos_time = nn.Parameter(torch.zeros(cfg.context + cfg.chunk, d))
+        nn.init.normal_(self.pos_space, std=0.02)
+        nn.init.normal_(self.pos_time, std=0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_mlp = nn.Sequential(nn.Linear(cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.no_action = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
+        self.ada_out = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, tok_dim)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    # -- tokens <-> latents --
+    def to_tokens(self, z):  # (b, t, c, h, w) -> (b, t*n, d_tok)
+        p = self.cfg.patch
+        return rearrange(z, "b t c (h p1) (w p2) -> b (t h w) (c p1 p2)", p1=p, p2=p)
+
+    def from_tokens(self, x, t):  # (b, t*n, d_tok) -> (b, t, c, h, w)
+        p, g = self.cfg.patch, self.cfg.grid // self.cfg.patch
+        return rearrange(x, "b (t h w) (c p1 p2) -> b t c (h p1) (w p2)", t=t, h=g, w=g, p1=p, p2=p)
+
+    def frame_cond(self, flow_t, actions):
+        """Per-frame condition: time embedding + action embedding (or "no action"). (b, t), (b, t, a) | None."""
+        c = self.time_mlp(timestep_embedding(flow_t, self.cfg.d))
+        if actions is None:
+            return c + self.no_action
+        return c + self.action_mlp(actions)
+
+    def embed(self, z, frame_offset):
+        b, t = z.shape[:2]
+        x = self.inp(self.to_tokens(z))
+        pos = self.pos_time[frame_offset : frame_offset + t, None] + self.pos_space[None]  # (t, n, d)
+        return x + rearrange(pos, "t n d -> (t n) d")
+
+    def velocity(self, z_ctx, x_t, flow_t, actions):
+        """Full-sequence pass (training). z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a)."""
+        b, C = z_ctx.shape[:2]
+        K = x_t.shape[1]
+        n = self.cfg.frame_tokens
+        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C)], 1)  # (b, (C+K)*n, d)
+        ctx_t = torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device)
+        cond = torch.cat([self.frame_cond(ctx_t, None), self.frame_cond(flow_t[:, None].expand(b, K), actions)], 1)
+        for blk in self.blocks:
+            x, _ = blk(x, cond)
+        return self.head(x[:, C * n :], cond[:, C:])
+
+    def head(self, x, cond):
+        """Final AdaLN + projection of the generated frames' tokens to velocities. x (b, K*n, d), cond (b, K, d)."""
+        K = cond.shape[1]
+        shift, scale = rearrange(self.ada_out(F.silu(cond)), "b t d -> b t 1 d").chunk(2, -1)
+        h = rearrange(self.ln_out(x), "b (t n) d -> b t n d", t=K) * (1 + scale) + shift
+        return self.from_tokens(self.out(rearrange(h, "b t n d -> b (t n) d")), K)
+
+    def forward(self, z, actions):
+        """Rectified-flow loss. z: (b, C+K, c, h, w) clean latents; actions (b, K, a). Returns (loss, logs)."""
+        C = self.cfg.context
+        z_ctx, z_fut = z[:, :C], z[:, C:]
+        x1 = z_fut - z_ctx[:, -1:]  # residual target
+        noise_lvl = self.cfg.ctx_noise
+        z_ctx = (1 - noise_lvl) * z_ctx + noise_lvl * torch.randn_like(z_ctx)  # noisy-context conditioning
+        eps = torch.randn_like(x1)
+        t = torch.rand(z.shape[0], device=z.device)
+        x_t = t[:, None, None, None, None] * x1 + (1 - t[:, None, None, None, None]) * eps
+        v = self.velocity(z_ctx, x_t, t, actions)
+        loss = F.mse_loss(v, x1 - eps)
+        x1_hat = x_t + (1 - t[:, None, None, None, None]) * v  # one-step estimate, for a readable metric
+        return loss, {"wm/loss": loss.item(), "wm/x1_mse": F.mse_loss(x1_hat, x1).item()}
+
+    @torch.no_grad()
+    def predict(self, z_ctx, actions, steps: int | None = None, generator=None):
+        """Sample the next K latents. The context's keys/values are computed once and reused by every Euler step."""
+        b, C = z_ctx.shape[:2]
+        K, n = actions.shape[1], self.cfg.frame_tokens
+        steps = steps or self.cfg.sample_steps
+        # -- context pass: cache per-layer keys/values (context never attends to the frames being generated) --
+        x = self.embed(z_ctx, 0)
+        ctx_cond = self.frame_cond(torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device), None)
+        caches = []
+        for blk in self.blocks:
+            x, kv = blk(x, ctx_cond)
+            caches.append(kv)
+        # -- Euler steps from noise (t = 0) to data (t = 1) --
+        xt = torch.randn(b, K, *z_ctx.shape[2:], device=z_ctx.device, generator=generator)
+        for i in range(steps):
+            t = torch.full((b,), i / steps, device=xt.device)
+            cond = self.frame_cond(t[:, None].expand(b, K), actions)
+            h = self.embed(xt, C)
+            for blk, kv in zip(self.blocks, caches):
+                h, _ = blk(h, cond, cache=kv, q_frame_offset=C)
+            v = self.head(h, cond)
+            xt = xt + v / steps
+        return z_ctx[:, -1:] + xt  # residual -> absolute latents
+
+
+class WorldModelEnv:
+    """The world model as a batched env with the real chunk env's interface: reset(frames, instructions) and
+    step(action chunks (b, K, a)) -> frames uint8 (b, K, h, w, c). Generated frames are decoded, quantised to uint8
+    (what the policy sees) and re-encoded as the next context, keeping the context on the codec's data manifold."""
+
+    def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu", steps: int | None = None):
+        self.wm, self.codec, self.device, self.steps = wm, codec, device, steps
+
+    @torch.no_grad()
+    def reset(self, frames: torch.Tensor, instructions: list[str]):
+        """frames uint8 (b, h, w, c): real initial frames; the context starts as the first latent repeated 4x."""
+        self.instructions = instructions
+        z0 = self.codec.encode(frames.to(self.device))
+        self.ctx = repeat(z0, "b c h w -> b t c h w", t=self.wm.cfg.context).contiguous()
+        return frames
+
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor) -> torch.Tensor:
+        z = self.wm.predict(self.ctx, actions.to(self.device).float(), self.steps)
+        frames = self.codec.to_uint8(self.codec.decode(z))  # (b, K, h, w, c)
+        z_clean = self.codec.encode(frames)
+        self.ctx = torch.cat([self.ctx, z_clean], 1)[:, -self.wm.cfg.context :]
+        return frames
+
+
+class RealChunkEnv:
+    """Real vectorised envs behind the same interface as WorldModelEnv: step(action chunks) -> 8 frames each,
+    plus per-step success from the simulator. Finished envs repeat their last frame (as the WM keeps imagining)."""
+
+    def __init__(self, task: str, num_envs: int):
+        import envs
+
+        self.venv = envs.make_vec(task, num_envs)
+        self.num_envs = num_envs
+
+    def reset(self, seeds: list[int]):
+        obs, info = self.venv.reset(seed=seeds)
+        self.instructions = list(self.venv.get_attr("instruction"))
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.last = torch.as_tensor(obs)
+        return self.last.clone()
+
+    def step(self, actions: torch.Tensor):
+        frames, success = [], []
+        for j in range(actions.shape[1]):
+            obs, _, term, trunc, info = self.venv.step(actions[:, j].cpu().numpy())
+            obs = torch.as_tensor(obs)
+            self.last = torch.where(self.done[:, None, None, None], self.last, obs)
+            succ = torch.as_tensor(info["success"]) & ~self.done
+            self.done |= torch.as_tensor(term | trunc)
+            frames.append(self.last.clone())
+            success.append(succ)
+        return torch.stack(frames, 1), torch.stack(success, 1)
+
+    def close(self):
+        self.venv.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. reward model: success classifier on 8-frame clips, run on every frame (stride 1)
+
+
+@dataclass
+class RewardConfig:
+    clip: int = 8  # frames per clip (the paper's 8)
+    width: int = 32
+    keypoints: int = 16
+    text_dim: int = 64
+    hidden: int = 256
+    vocab: int = len(VOCAB)
+    threshold: float = 0.5  # chosen on held-out validation episodes by train_wm.py
+
+
+class RewardModel(nn.Module):
+    """P(success at the last frame of each 8-frame clip | frames, instruction).
+
+    The instruction is an input: which block must be on which pad is only in the words. Per-frame features
+    (instruction-FiLM'd convs -> spatial-softmax keypoints) are computed once per frame; the clip head reads the
+    features of 8 consecutive frames, so scoring every window of a T-frame trajectory costs T frame passes.
+    """
+
+    def __init__(self, cfg: RewardConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, td = cfg.width, cfg.text_dim
+        self.embed = nn.Embedding(cfg.vocab, td, padding_idx=PAD)
+        self.gru = nn.GRU(td, td, batch_first=True, bidirectional=True)
+        self.text_out = nn.Linear(2 * td, td)
+        self.conv1 = nn.Conv2d(3, w, 5, stride=2, padding=2)  # 32x32
+        self.conv2 = nn.Conv2d(w, w, 3, stride=2, padding=1)  # 16x16: 4 px cells, keypoints interpolate below that
+        self.film = FiLM(td, w)
+        self.conv3 = nn.Conv2d(w, cfg.keypoints, 3, padding=1)
+        feat = 2 * cfg.keypoints + cfg.keypoints  # keypoint xy + peak activation per keypoint
+        self.head = nn.Sequential(nn.Linear(cfg.clip * feat + td, cfg.hidden), nn.GELU(),
+                                  nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
+
+    encode_text = VLA.encode_text
+
+    def frame_features(self, frames, text):
+        """frames uint8 (b, t, h, w, c), text (b, d) -> (b, t, f)."""
+        b, t = frames.shape[:2]
+        x = frames_to_model(rearrange(frames, "b t h w c -> (b t) h w c"))
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.film(self.conv2(x), repeat(text, "b d -> (b t) d", t=t)))
+        x = self.conv3(x)
+        flat = rearrange(x, "bt n h w -> bt n (h w)")
+        attn = flat.softmax(-1)
+        hh, ww = x.shape[-2:]
+        gy, gx = torch.meshgrid(torch.linspace(-1, 1, hh, device=x.device), torch.linspace(-1, 1, ww, device=x.device), indexing="ij")
+        kx, ky = attn @ gx.reshape(-1, 1), attn @ gy.reshape(-1, 1)
+        feats = torch.cat([kx[..., 0], ky[..., 0], flat.amax(-1)], -1)
+        return rearrange(feats, "(b t) f -> b t f", b=b)
+
+    def clip_logits(self, frames, words):
+        """Logit of success for the clip ending at every frame (clips before frame 7 repeat the first frame)."""
+        text = self.encode_text(words)
+        f = self.frame_features(frames, text)  # (b, t, f)
+        L = self.cfg.clip
+        f = torch.cat([f[:, :1].expand(-1, L - 1, -1), f], 1)  # left-pad by repeating the first frame
+        windows = rearrange(f.unfold(1, L, 1), "b t f l -> b t (l f)")  # (b, t, L*f)
+        text_t = repeat(text, "b d -> b t d", t=windows.shape[1])
+        return self.head(torch.cat([windows, text_t], -1))[..., 0]
+
+    def forward(self, frames, words):
+        """Success probability of the clip ending at each frame: (b, t). Called as reward(frames, words)."""
+        return self.clip_logits(frames, words).sigmoid()
+
+    def loss(self, frames, words, labels):
+        """Clip classification: frames (b, 8, h, w, c), labels (b,) in {0, 1}. Returns (loss, logs)."""
+        logits = self.clip_logits(frames, words)[:, -1]
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        acc = ((logits > 0) == labels.bool()).float().mean()
+        return loss, {"reward/loss": loss.item(), "reward/acc": acc.item()}
+
+
+def detect_success(probs: torch.Tensor, threshold: float, valid: torch.Tensor | None = None):
+    """Trajectory verdict from per-frame clip probabilities (b, t): success if any window is over the threshold;
+    finish = the first such frame (GRPO masks the policy's tokens after it), or t - 1 when there is none."""
+    hit = probs >= threshold
+    if valid is not None:
+        hit &= valid
+    success = hit.any(1)
+    first = torch.where(success, hit.float().argmax(1), torch.full_like(success, probs.shape[1] - 1, dtype=torch.long))
+    return success, first
+
+
+# ----------------------------------------------------------------------------------------------------------
 # checkpoints: weights in safetensors, {"kind", "config", "step"} in its metadata; written atomically
 
 
@@ -310,7 +706,7 @@ def load_train_state(path: str) -> dict | None:
         raise ValueError(f"training state {path} is corrupt ({type(e).__name__}: {e}); delete it to start over") from e
 
 
-MODELS = {"VLA": (VLA, PolicyConfig)}
+MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig), "WorldModel": (WorldModel, WorldModelConfig), "RewardModel": (RewardModel, RewardConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------------
