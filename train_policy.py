@@ -143,9 +143,257 @@ def sft(args: SFTArgs):
     print(f"saved {ckpt}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# GRPO: in the world model (wmpo) or in the real env (grpo-real), one code path
+
+
+@dataclass
+class WMPOArgs:
+    # run
+    run_dir: str = "runs/demo"
+    preset: str = "tiny"
+    """tiny (2 CPU cores, <= 30 min) | small | gpu: iterations when left at -1"""
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    tasks: tuple[str, ...] = tuple(envs.TASKS)
+    init: str = "policy_sft"
+    """checkpoint the policy starts from"""
+    out: str = "policy_wmpo"
+    """checkpoint written (policy_wmpo; grpo-real writes policy_grpo_real)"""
+    # algorithm
+    iterations: int = -1
+    """GRPO iterations (-1: preset); grpo-real stops earlier when the real budget is spent"""
+    init_states: int = 512
+    """pool of real initial frames per task (training seeds, never evaluation seeds)"""
+    sample_steps: int = -1
+    """Euler steps of the world model's sampler during imagination (-1: the world model's own)"""
+    rounds: int = 1
+    """lifelong rounds: after each, collect --budget new real rollouts of the current policy, refresh the world and
+    reward models on all real data so far, run WMPO again (1 = plain WMPO)"""
+    budget: int = 128
+    """P: real trajectories per lifelong round (wmpo) / in total (grpo-real)"""
+    round_eval_episodes: int = 100
+    """real episodes per task to report success after each lifelong round"""
+    grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
+
+
+@dataclass
+class GRPORealArgs(WMPOArgs):
+    out: str = "policy_grpo_real"
+    states_per_task_real: int = 2
+    """initial states per task per iteration in the real env: P = 128 allows 128 / (3 tasks * 2 * 8) = 2-3 updates"""
+
+
+WMPO_PRESETS = {"tiny": 20, "small": 60, "gpu": 200}
+
+
+class TaskWorld:
+    """What one iteration needs to roll out and judge a task: a world (WM env or real env) and a judge."""
+
+    def __init__(self, task, args, wm=None, codec=None, reward=None, real=False):
+        self.task, self.real, self.args = task, real, args
+        self.wm, self.codec, self.reward = wm, codec, reward
+        self.horizon = envs.make(task).unwrapped.horizon
+        if not real:  # a pool of real initial frames from training seeds
+            seeds = envs.seeds("wmpo", task, args.init_states)
+            env = envs.make(task)
+            pool = [env.reset(seed=s) for s in seeds]
+            self.pool_frames = torch.from_numpy(np.stack([o for o, _ in pool]))
+            self.pool_instr = []
+            for s in seeds:
+                env.reset(seed=s)
+                self.pool_instr.append(env.unwrapped.instruction)
+            env.close()
+        self.next_real_seed = 0
+
+    def rollout(self, policy, B, G, temperature, device):
+        """B initial states x G samples -> trajectories, judged. Returns a dict of per-trajectory tensors."""
+        K = policy.cfg.chunk
+        n_chunks = -(-self.horizon // K)  # enough chunks to reach the task's horizon
+        if self.real:
+            seeds = envs.seeds("grpo_real", self.task, B, start=self.next_real_seed)
+            self.next_real_seed += B
+            world = wmpo.RealChunkEnv(self.task, B * G)
+            frames0 = world.reset([s for s in seeds for _ in range(G)])
+            instr = world.instructions
+        else:
+            idx = torch.randint(len(self.pool_frames), (B,))
+            frames0 = self.pool_frames[idx].repeat_interleave(G, 0)
+            instr = [self.pool_instr[i] for i in idx.tolist() for _ in range(G)]
+            world = wmpo.WorldModelEnv(self.wm, self.codec, device, self.args.sample_steps if self.args.sample_steps > 0 else None)
+            world.reset(frames0, instr)
+        obs, tokens, frames = wmpo.imagine(policy, world, frames0, instr, n_chunks, temperature)
+        if self.real:
+            hit = world.success  # the simulator's verdict per frame
+            world.close()
+            success = hit.any(1)
+            finish = torch.where(success, hit.float().argmax(1), torch.full_like(success, frames.shape[1] - 1, dtype=torch.long))
+        else:
+            with torch.no_grad():
+                probs = self.reward(frames.to(device), wmpo.tokenize(instr).to(device)).cpu()
+            success, finish = wmpo.detect_success(probs, self.reward.cfg.threshold)
+        words = wmpo.tokenize(instr)
+        return {"obs": obs, "tokens": tokens, "words": words, "success": success, "finish": finish,
+                "mask": wmpo.chunk_mask(finish, n_chunks, K), "frames": frames}
+
+
+def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
+    """Per-trajectory rollouts -> one row per chosen chunk (the unit the policy acts in)."""
+    b, n = tr["mask"].shape
+    return {
+        "obs": rearrange(tr["obs"], "b n h w c -> (b n) h w c"),
+        "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
+        "words": tr["words"].repeat_interleave(n, 0),
+        "adv": adv.repeat_interleave(n, 0),
+        "mask": rearrange(tr["mask"] & keep[:, None], "b n -> (b n)"),
+    }
+
+
+def grpo_loop(args: WMPOArgs, real: bool):
+    from kernels.grpo import group_advantages
+
+    iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
+    for t in args.tasks:
+        envs.make(t).close()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    name = "grpo_real" if real else "wmpo"
+    wmpo.write_args(args.run_dir, name, args)
+    init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
+                             f"python train_policy.py sft --run-dir {args.run_dir}")
+    policy = wmpo.load(init_path, args.device, expect="VLA")
+    wm = codec = reward = None
+    if not real:
+        make = f"python train_wm.py --run-dir {args.run_dir}"
+        codec = wmpo.load(wmpo.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device, expect="FrameCodec").eval()
+        wm = wmpo.load(wmpo.require(os.path.join(args.run_dir, "wm.safetensors"), make), args.device, expect="WorldModel").eval()
+        reward = wmpo.load(wmpo.require(os.path.join(args.run_dir, "reward.safetensors"), make), args.device, expect="RewardModel").eval()
+    worlds = [TaskWorld(t, args, wm, codec, reward, real) for t in args.tasks]
+    G = args.grpo.group_size
+    B = args.states_per_task_real if real else args.grpo.states_per_task
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
+    out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
+    state_path = out_path.replace(".safetensors", ".train.pt")
+    start, used = 0, 0
+    state = wmpo.load_train_state(state_path)
+    if state is not None and os.path.exists(out_path):
+        policy.load_state_dict(wmpo.load(out_path, expect="VLA").state_dict())
+        opt.load_state_dict(state["optimizer"])
+        start, used = state["step"], state.get("real_trajectories", 0)
+        for w in worlds:
+            w.next_real_seed = state.get("next_real_seed", 0)
+        print(f"resuming {name} from iteration {start}")
+
+    bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations)
+    for it in bar:
+        if real and used + len(worlds) * B * G > args.budget:
+            print(f"real budget spent: {used} of P = {args.budget} trajectories used")
+            break
+        t0 = time.time()
+        policy.eval()
+        rows, logs, n_traj, kept_groups, total_groups = [], {}, 0, 0, 0
+        for attempt in range(1 + args.grpo.resample_rounds):
+            for w in worlds:
+                tr = w.rollout(policy, B, G, args.grpo.temperature, args.device)
+                adv, stats = group_advantages(tr["success"].float(), G, return_stats=True)
+                keep = stats["keep"].repeat_interleave(G)
+                rows.append(flatten_rows(tr, adv, keep))
+                logs[f"wmpo/success/{w.task}"] = tr["success"].float().mean().item()
+                n_traj += len(tr["success"])
+                kept_groups += int(stats["keep"].sum())
+                total_groups += len(stats["keep"])
+            # dynamic sampling: roll out more only when under half the groups carry a learning signal
+            if real or kept_groups * 2 >= total_groups:
+                break
+        used += n_traj if real else 0
+        t_roll = time.time() - t0
+        batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        policy.train()
+        if kept_groups > 0:
+            logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
+        logs.update({
+            "step": it, "wmpo/imagined_success" if not real else "grpo/real_success":
+                float(np.mean([logs[f"wmpo/success/{w.task}"] for w in worlds])),
+            "wmpo/kept_group_frac": kept_groups / max(total_groups, 1),
+            "wmpo/trajectories_per_s": n_traj / max(t_roll, 1e-6),
+            "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t0 - t_roll, 1e-6),
+            "real_trajectories": used, "dt": time.time() - t0,
+        })
+        wmpo.log_metrics(args.run_dir, name, logs)
+        bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
+                        kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
+        wmpo.save(policy, out_path, it + 1, real_trajectories=used)
+        wmpo.save_train_state(state_path, opt, it + 1, real_trajectories=used,
+                              next_real_seed=worlds[0].next_real_seed)
+    print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
+    return policy
+
+
+def lifelong(args: WMPOArgs):
+    """Round 1 is plain WMPO; every later round collects P real rollouts of the current policy, re-aligns the world and
+    reward models on all real data so far, and runs WMPO again from the current policy."""
+    import eval as evaluation
+    import train_wm
+
+    base_out = args.out
+    history = []
+    for r in range(args.rounds):
+        if r > 0:
+            prev = os.path.join(args.run_dir, f"{base_out}_r{r - 1}.safetensors" if r > 1 else f"{base_out}.safetensors")
+            refresh_models(args, prev, r, train_wm)
+            args.init = os.path.basename(prev).replace(".safetensors", "")
+        args.out = base_out if r == 0 else f"{base_out}_r{r}"
+        policy = grpo_loop(args, real=False).eval()
+        res = {t: evaluation.summarize(evaluation.evaluate(policy, t, args.round_eval_episodes, 0.0, 16, args.device))
+               for t in args.tasks}
+        mean = float(np.mean([v["success_rate"] for v in res.values()]))
+        history.append({"round": r, "checkpoint": args.out, "real_trajectories": args.budget * (r + 1),
+                        "mean_success": mean, **{t: v["success_rate"] for t, v in res.items()}})
+        print(f"round {r}: real success {mean:.1%} ({args.round_eval_episodes} greedy episodes per task)")
+        wmpo.log_metrics(args.run_dir, "lifelong", history[-1])
+
+
+def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
+    """Collect P rollouts of the current policy, fine-tune the world model and the reward model on all real data."""
+    policy = wmpo.load(policy_path, args.device, expect="VLA").eval()
+    wargs = train_wm.Args(run_dir=args.run_dir, device=args.device, tasks=args.tasks, budget=args.budget,
+                          rollout_temperature=args.grpo.temperature)
+    for k, v in train_wm.PRESETS[args.preset].items():
+        setattr(wargs, k, v)
+    data_dir = os.path.join(args.run_dir, "data")
+    act = wmpo.policy_fn(policy, args.grpo.temperature, args.device)
+    per_task = max(1, args.budget // len(args.tasks))
+    for task in args.tasks:
+        name = train_wm.task_name(task)
+        train_wm.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{per_task}-round{r}.safetensors"), task, act,
+                                envs.seeds("rollouts", task, per_task, start=1000 * r), f"round {r} rollouts {name}",
+                                policy=os.path.basename(policy_path), temperature=args.grpo.temperature)
+    codec = wmpo.load(os.path.join(args.run_dir, "codec.safetensors"), args.device).eval()
+    all_real = [e for t in args.tasks for e in envs.load_dir(data_dir, f"rollouts-{train_wm.task_name(t)}")]
+    everything = all_real + [e for t in args.tasks for p in ("demos", "explore") for e in envs.load_dir(data_dir, f"{p}-{train_wm.task_name(t)}")]
+    with torch.no_grad():
+        z_pol = [codec.encode(torch.from_numpy(e["frames"]).to(args.device)) for e in all_real]
+    a_pol = [torch.from_numpy(e["actions"]).to(args.device) for e in all_real]
+    wm = wmpo.load(os.path.join(args.run_dir, "wm.safetensors"), args.device)
+    C, K = wm.cfg.context, wm.cfg.chunk
+    steps = wargs.wm_finetune_steps
+    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda: wm(*train_wm.window_batch(z_pol, a_pol, C, K, wargs.batch_size)),
+                             wargs.lr * 0.3, f"wm-round{r}")
+    wmpo.save(wm, os.path.join(args.run_dir, "wm.safetensors"), steps)
+    reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
+    reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, wargs.reward_steps // 3,
+                                 lambda: reward.loss(*train_wm.clip_batch(everything, codec, reward.cfg.clip, wargs.batch_size, args.device)),
+                                 wargs.lr * 0.3, f"reward-round{r}")
+    wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), wargs.reward_steps)
+
+
 if __name__ == "__main__":
     import tyro
 
-    args = tyro.extras.subcommand_cli_from_dict({"sft": SFTArgs})
-    if isinstance(args, SFTArgs):
+    args = tyro.extras.subcommand_cli_from_dict({"sft": SFTArgs, "wmpo": WMPOArgs, "grpo-real": GRPORealArgs})
+    if isinstance(args, GRPORealArgs):
+        grpo_loop(args, real=True)
+    elif isinstance(args, WMPOArgs):
+        lifelong(args) if args.rounds > 1 else grpo_loop(args, real=False)
+    else:
         sft(args)

@@ -487,6 +487,7 @@ class WorldModelEnv:
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:
+        """action chunks (b, K, a) -> the K imagined frames, uint8 (b, K, h, w, c)."""
         z = self.wm.predict(self.ctx, actions.to(self.device).float(), self.steps)
         frames = self.codec.to_uint8(self.codec.decode(z))  # (b, K, h, w, c)
         z_clean = self.codec.encode(frames)
@@ -503,15 +504,19 @@ class RealChunkEnv:
 
         self.venv = envs.make_vec(task, num_envs)
         self.num_envs = num_envs
+        self.trajectories = 0  # real trajectories used so far: the budget P counts these
 
     def reset(self, seeds: list[int]):
         obs, info = self.venv.reset(seed=seeds)
+        self.trajectories += len(seeds)
         self.instructions = list(self.venv.get_attr("instruction"))
         self.done = torch.zeros(self.num_envs, dtype=torch.bool)
         self.last = torch.as_tensor(obs)
+        self.success = torch.zeros(self.num_envs, 1, dtype=torch.bool)  # (b, frames so far): the simulator's verdict
         return self.last.clone()
 
-    def step(self, actions: torch.Tensor):
+    def step(self, actions: torch.Tensor) -> torch.Tensor:
+        """action chunks (b, K, a) -> K frames, uint8 (b, K, h, w, c); per-frame success appended to self.success."""
         frames, success = [], []
         for j in range(actions.shape[1]):
             obs, _, term, trunc, info = self.venv.step(actions[:, j].cpu().numpy())
@@ -521,7 +526,8 @@ class RealChunkEnv:
             self.done |= torch.as_tensor(term | trunc)
             frames.append(self.last.clone())
             success.append(succ)
-        return torch.stack(frames, 1), torch.stack(success, 1)
+        self.success = torch.cat([self.success, torch.stack(success, 1)], 1)
+        return torch.stack(frames, 1)
 
     def close(self):
         self.venv.close()
@@ -613,6 +619,87 @@ def detect_success(probs: torch.Tensor, threshold: float, valid: torch.Tensor | 
     success = hit.any(1)
     first = torch.where(success, hit.float().argmax(1), torch.full_like(success, probs.shape[1] - 1, dtype=torch.long))
     return success, first
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. GRPO in imagination (or in the real env: the same functions, another `world`)
+
+
+@dataclass
+class GRPOConfig:
+    """DAPO-style GRPO as in WMPO: group-normalised advantages, asymmetric clip, no KL, no reference model, dynamic
+    sampling (drop all-success / all-failure groups), token-mean loss over every action token up to the step where
+    success is first detected, one pass over the batch in mini-batches."""
+
+    group_size: int = 8  # G trajectories per initial state (the paper's 8)
+    states_per_task: int = 8  # B initial states per task per iteration
+    temperature: float = 1.0  # rollout temperature (paper 1.6; see README for ours)
+    clip_low: float = 0.2  # epsilon_low (the paper's)
+    clip_high: float = 0.28  # epsilon_high, clip-higher (the paper's)
+    lr: float = 3e-4  # paper 5e-6 for a 7B model; a 1M-parameter policy needs far more (prototype: 1e-3 moved it)
+    epochs: int = 1  # passes over each batch (the paper's 1)
+    minibatches: int = 4  # optimiser steps per epoch (the paper: 512 trajectories in mini-batches of 128)
+    max_grad_norm: float = 1.0
+    agg: str = "token-mean"
+    resample_rounds: int = 1  # dynamic sampling: extra rollouts when fewer than half the groups are kept
+
+
+def imagine(policy: VLA, world, frames0, instructions, n_chunks: int, temperature: float):
+    """Roll the policy out in `world` (WorldModelEnv or RealChunkEnv) for n_chunks action chunks.
+
+    Returns obs (b, n_chunks, h, w, c) — the frame each chunk was chosen from — tokens (b, n_chunks, k*a) and
+    frames (b, 1 + n_chunks*K, h, w, c), the whole trajectory the judge scores.
+    """
+    words = tokenize(instructions).to(next(policy.parameters()).device)
+    cur = frames0
+    obs, toks, frames = [], [], [frames0[:, None]]
+    for _ in range(n_chunks):
+        actions, tokens, _ = policy.act(cur.to(words.device), words, temperature)
+        new = world.step(actions).to(frames0.device)  # (b, K, h, w, c)
+        obs.append(cur), toks.append(tokens.cpu()), frames.append(new)
+        cur = new[:, -1]
+    return torch.stack(obs, 1), torch.stack(toks, 1), torch.cat(frames, 1)
+
+
+def chunk_mask(finish: torch.Tensor, n_chunks: int, K: int) -> torch.Tensor:
+    """(b, n_chunks) True for chunks chosen before the frame where success was first seen (later ones are masked)."""
+    starts = torch.arange(n_chunks) * K  # frame index each chunk was chosen from
+    return starts[None, :] < finish[:, None]
+
+
+def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:
+    """One GRPO update on a batch of rollouts. batch: obs (r, h, w, c) uint8, words (r, l), tokens (r, k*a),
+    adv (r,), mask (r,) — one row per chosen chunk, its trajectory's advantage broadcast to it."""
+    from kernels.grpo import grpo_loss
+
+    rows = batch["mask"].nonzero()[:, 0]
+    obs, words, tokens, adv = (batch[k][rows] for k in ["obs", "words", "tokens", "adv"])
+    # old log-probs: the rollout policy, at the rollout temperature (exactly what sampled the tokens)
+    with torch.no_grad():
+        old = torch.cat([policy.logprob(obs[i : i + 256].to(device), words[i : i + 256].to(device),
+                                        tokens[i : i + 256].to(device), cfg.temperature, per_token=True)
+                         for i in range(0, len(rows), 256)])
+    logs = {k: [] for k in ["grpo/loss", "grpo/clipfrac", "grpo/approx_kl", "grpo/entropy", "grpo/grad_norm"]}
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(rows))
+        for mb in perm.chunk(cfg.minibatches):
+            o, w, t = obs[mb].to(device), words[mb].to(device), tokens[mb].to(device)
+            logp = policy.logprob(o, w, t, cfg.temperature, per_token=True)  # (m, k*a)
+            loss, m = grpo_loss(logp, old[mb].to(device), adv[mb].to(device), torch.ones_like(logp),
+                                cfg.clip_low, cfg.clip_high, agg=cfg.agg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            opt.step()
+            logs["grpo/loss"].append(loss.item())
+            logs["grpo/clipfrac"].append(m["clipfrac"].item())
+            logs["grpo/approx_kl"].append(m["approx_kl"].item())
+            logs["grpo/grad_norm"].append(grad_norm.item())
+            with torch.no_grad():
+                logs["grpo/entropy"].append(policy.entropy(o[:64], w[:64], cfg.temperature).item())
+    out = {k: float(sum(v) / max(len(v), 1)) for k, v in logs.items()}
+    out["grpo/tokens"] = int(len(rows) * tokens.shape[1])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
