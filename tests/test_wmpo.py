@@ -1,0 +1,281 @@
+"""wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import envs
+import wmpo
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64))
+
+
+def frames(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 64, 64, 3), dtype=torch.uint8, generator=g)
+
+
+# -- tokenizer and action bins -------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trip_and_unknown_words():
+    text = "push the red block onto the green pad"
+    ids = wmpo.tokenize([text, "grab the purple banana"])
+    assert wmpo.detokenize(ids[:1]) == [text]
+    assert (ids[1, :4] == torch.tensor([wmpo.UNK, wmpo.WORD_ID["the"], wmpo.UNK, wmpo.UNK])).all()
+    # every instruction the tasks can produce is fully in the vocabulary
+    for task in envs.TASKS:
+        env = envs.make(task)
+        for s in range(20):
+            env.reset(seed=s)
+            assert wmpo.UNK not in wmpo.tokenize([env.unwrapped.instruction])[0].tolist()
+
+
+def test_action_bins_round_trip_within_half_a_bin():
+    a = torch.rand(1000, 2) * 2 - 1
+    back = wmpo.tokens_to_action(wmpo.action_to_tokens(a))
+    assert (back - a).abs().max() <= 1 / 255 + 1e-6  # half of a bin of width 2 / 255
+    assert wmpo.action_to_tokens(torch.tensor([-1.0, 1.0, 3.0])).tolist() == [0, 255, 255]
+
+
+# -- policy ------------------------------------------------------------------------------------------------------
+
+
+def test_logprob_is_sum_of_token_log_softmax():
+    pol = tiny_policy()
+    f, w = frames(4), wmpo.tokenize(["push the red block onto the green pad"] * 4)
+    torch.manual_seed(1)
+    actions, tokens, logp = pol.act(f, w, temperature=1.6)
+    logits = pol.logits(f, w) / 1.6
+    expect = torch.stack([sum(F.log_softmax(logits[b, n], -1)[tokens[b, n]] for n in range(16)) for b in range(4)])
+    torch.testing.assert_close(logp, expect, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pol.logprob(f, w, tokens, 1.6), expect, atol=1e-4, rtol=1e-5)
+    assert actions.shape == (4, 8, 2) and tokens.shape == (4, 16)
+    torch.testing.assert_close(actions.reshape(4, 16), wmpo.tokens_to_action(tokens))
+
+
+def test_greedy_is_deterministic_and_argmax():
+    pol = tiny_policy()
+    f, w = frames(3), wmpo.tokenize(["go to the red pad"] * 3)
+    a1, t1, _ = pol.act(f, w, 0.0)
+    a2, t2, _ = pol.act(f, w, 0.0)
+    assert torch.equal(t1, t2) and torch.equal(a1, a2)
+    assert torch.equal(t1, pol.logits(f, w).argmax(-1))
+
+
+def test_instruction_changes_the_policy_output():
+    pol = tiny_policy()
+    for p in pol.parameters():
+        p.data += 0.05 * torch.randn_like(p)  # FiLM starts at identity: perturb so words can matter
+    f = frames(1)
+    la = pol.logits(f, wmpo.tokenize(["push the red block onto the green pad"]))
+    lb = pol.logits(f, wmpo.tokenize(["push the blue block onto the green pad"]))
+    assert not torch.allclose(la, lb)
+
+
+def test_sft_overfits_a_handful_of_demos():
+    eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2, 3], num_envs=3)
+    from train_policy import chunk_targets
+
+    f, w, t, m = chunk_targets(eps, 8, 256)
+    pol = tiny_policy()
+    opt = torch.optim.AdamW(pol.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, logs = pol(f, w, t, m)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (first, loss.item())
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    pol = tiny_policy()
+    path = str(tmp_path / "p.safetensors")
+    wmpo.save(pol, path, step=7)
+    back = wmpo.load(path, expect="VLA")
+    assert back.step == 7 and back.cfg == pol.cfg
+    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2)
+    assert torch.equal(back.logits(f, w), pol.logits(f, w))
+    with pytest.raises(ValueError, match="expected a WorldModel"):
+        wmpo.load(path, expect="WorldModel")
+    # truncated file
+    bad = str(tmp_path / "bad.safetensors")
+    open(bad, "wb").write(open(path, "rb").read()[:500])
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        wmpo.load(bad)
+    # weights that do not match the config in the metadata
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    state["head.4.weight"] = state["head.4.weight"][:10]
+    meta = wmpo.read_meta(path)
+    mism = str(tmp_path / "mism.safetensors")
+    save_file(state, mism, metadata=meta)
+    with pytest.raises(ValueError, match="head.4.weight"):
+        wmpo.load(mism)
+
+
+# -- world model ---------------------------------------------------------------------------------------------------
+
+WM_CFG = wmpo.WorldModelConfig(d=32, n_layer=2, n_head=2, sample_steps=2)
+
+
+def test_world_model_shapes_and_cache_equals_full_pass():
+    torch.manual_seed(0)
+    wm = wmpo.WorldModel(WM_CFG)
+    for p in wm.parameters():
+        p.data += 0.02 * torch.randn_like(p)  # leave the zero init so every path matters
+    z = torch.randn(2, 12, 16, 8, 8).tanh()
+    a = torch.rand(2, 8, 2) * 2 - 1
+    loss, logs = wm(z, a)
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in wm.parameters() if p.grad is not None)
+    g = torch.Generator().manual_seed(3)
+    out = wm.predict(z[:, :4], a, steps=1, generator=g)  # context K/V cached once, new frames attend to the cache
+    eps = torch.randn(2, 8, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    v = wm.velocity(z[:, :4], eps, torch.zeros(2), a)  # one full-sequence pass
+    torch.testing.assert_close(out, z[:, 3:4] + eps + v, atol=1e-5, rtol=1e-5)
+    assert out.shape == (2, 8, 16, 8, 8)
+
+
+def test_frame_causal_later_frames_never_change_earlier_outputs():
+    torch.manual_seed(0)
+    wm = wmpo.WorldModel(WM_CFG)
+    for p in wm.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    ctx = torch.randn(1, 4, 16, 8, 8)
+    x = torch.randn(1, 8, 16, 8, 8)
+    a = torch.rand(1, 8, 2)
+    v1 = wm.velocity(ctx, x, torch.tensor([0.3]), a)
+    x2, a2 = x.clone(), a.clone()
+    x2[:, 5:] += 1.0
+    a2[:, 5:] = -a2[:, 5:]
+    v2 = wm.velocity(ctx, x2, torch.tensor([0.3]), a2)
+    assert torch.equal(v1[:, :5], v2[:, :5])
+    assert not torch.allclose(v1[:, 5:], v2[:, 5:])
+
+
+def test_actions_condition_the_prediction():
+    # two futures from one context that differ only by action: after a short overfit the model tells them apart
+    torch.manual_seed(0)
+    wm = wmpo.WorldModel(WM_CFG)
+    ctx = torch.zeros(2, 4, 16, 8, 8)
+    fut = torch.stack([torch.full((8, 16, 8, 8), 0.5), torch.full((8, 16, 8, 8), -0.5)])
+    acts = torch.stack([torch.ones(8, 2), -torch.ones(8, 2)])
+    opt = torch.optim.AdamW(wm.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = wm(torch.cat([ctx, fut], 1), acts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = torch.Generator().manual_seed(0)
+    pred = wm.predict(ctx, acts, steps=4, generator=g)
+    assert (pred[0].mean() - pred[1].mean()).item() > 0.5
+    assert (pred[0] - fut[0]).abs().mean() < (pred[0] - fut[1]).abs().mean()
+
+
+def test_world_model_env_matches_real_chunk_env_shapes():
+    torch.manual_seed(0)
+    codec = wmpo.FrameCodec(wmpo.CodecConfig(width=8))
+    wm = wmpo.WorldModel(WM_CFG)
+    real = wmpo.RealChunkEnv("wmpo/PushCube-v0", 2)
+    f0 = real.reset([1, 2])
+    imag = wmpo.WorldModelEnv(wm, codec)
+    f0_i = imag.reset(f0, real.instructions)
+    acts = torch.rand(2, 8, 2) * 2 - 1
+    fr, fi = real.step(acts), imag.step(acts)
+    real.close()
+    assert f0.shape == f0_i.shape == (2, 64, 64, 3)
+    assert fr.shape == fi.shape == (2, 8, 64, 64, 3) and fr.dtype == fi.dtype == torch.uint8
+    assert real.success.shape == (2, 9)
+
+
+# -- reward model ----------------------------------------------------------------------------------------------------
+
+
+def test_detect_success_windows():
+    probs = torch.tensor([[0.1, 0.2, 0.9, 0.3, 0.95], [0.1, 0.4, 0.5, 0.49, 0.2], [0.8, 0.1, 0.1, 0.1, 0.1]])
+    success, first = wmpo.detect_success(probs, threshold=0.5)
+    assert success.tolist() == [True, True, True]
+    assert first.tolist() == [2, 2, 0]
+    success, first = wmpo.detect_success(probs, threshold=0.85)
+    assert success.tolist() == [True, False, False]
+    assert first.tolist() == [2, 4, 4]  # no detection: the last frame, nothing masked
+
+
+def test_reward_scores_every_frame_and_windows_are_causal():
+    torch.manual_seed(0)
+    rm = wmpo.RewardModel(wmpo.RewardConfig(width=8, keypoints=4, text_dim=16, hidden=32))
+    f = torch.randint(0, 256, (2, 12, 64, 64, 3), dtype=torch.uint8)
+    w = wmpo.tokenize(["go to the red pad"] * 2)
+    p = rm(f, w)
+    assert p.shape == (2, 12) and ((p > 0) & (p < 1)).all()
+    f2 = f.clone()
+    f2[:, 9:] = 0  # the clip ending at frame 8 covers frames 1..8 only
+    p2 = rm(f2, w)
+    torch.testing.assert_close(p[:, :9], p2[:, :9])
+
+
+# -- GRPO ------------------------------------------------------------------------------------------------------------
+
+
+def test_grpo_step_moves_logprobs_in_the_sign_of_the_advantage():
+    pol = tiny_policy()
+    f, w = frames(8), wmpo.tokenize(["go to the red pad"] * 8)
+    torch.manual_seed(0)
+    _, tokens, _ = pol.act(f, w, 1.0)
+    adv = torch.tensor([1.0, -1.0] * 4)
+    before = pol.logprob(f, w, tokens).detach()
+    cfg = wmpo.GRPOConfig(lr=1e-3, minibatches=1, temperature=1.0)
+    opt = torch.optim.AdamW(pol.parameters(), lr=cfg.lr)
+    batch = {"obs": f, "words": w, "tokens": tokens, "adv": adv, "mask": torch.ones(8, dtype=torch.bool)}
+    logs = wmpo.grpo_update(pol, opt, batch, cfg)
+    after = pol.logprob(f, w, tokens).detach()
+    assert ((after - before)[adv > 0] > 0).all() and ((after - before)[adv < 0] < 0).all()
+    assert logs["grpo/tokens"] == 8 * 16
+
+
+def test_masked_chunks_get_no_gradient():
+    pol = tiny_policy()
+    f, w = frames(4), wmpo.tokenize(["go to the red pad"] * 4)
+    _, tokens, _ = pol.act(f, w, 1.0)
+    cfg = wmpo.GRPOConfig(lr=1e-2, minibatches=1)
+    opt = torch.optim.SGD(pol.parameters(), lr=cfg.lr)
+    # rows 2, 3 masked (after the success frame): giving them huge advantages must change nothing
+    base = {"obs": f, "words": w, "tokens": tokens, "mask": torch.tensor([True, True, False, False])}
+    states = []
+    for adv_masked in [0.0, 100.0]:
+        p = tiny_policy()
+        p.load_state_dict(pol.state_dict())
+        o = torch.optim.SGD(p.parameters(), lr=cfg.lr)
+        wmpo.grpo_update(p, o, {**base, "adv": torch.tensor([1.0, -1.0, adv_masked, -adv_masked])}, cfg)
+        states.append(torch.cat([q.detach().flatten() for q in p.parameters()]))
+    assert torch.equal(states[0], states[1])
+
+
+def test_chunk_mask_and_dynamic_sampling_drop_uniform_groups():
+    from kernels.grpo import group_advantages
+    from train_policy import flatten_rows
+
+    m = wmpo.chunk_mask(torch.tensor([0, 9, 16, 40]), n_chunks=4, K=8)
+    assert m.tolist() == [[False] * 4, [True, True, False, False], [True, True, False, False], [True] * 4]
+    success = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0], dtype=torch.float32)  # group 0 uniform, group 1 mixed
+    adv, st = group_advantages(success, 4, return_stats=True)
+    keep = st["keep"].repeat_interleave(4)
+    tr = {"obs": torch.zeros(8, 2, 64, 64, 3, dtype=torch.uint8), "tokens": torch.zeros(8, 2, 16, dtype=torch.long),
+          "words": torch.zeros(8, 24, dtype=torch.long), "mask": torch.ones(8, 2, dtype=torch.bool)}
+    rows = flatten_rows(tr, adv, keep)
+    assert rows["mask"].tolist() == [False] * 8 + [True] * 8
+    assert rows["adv"][8:].abs().sum() > 0 and rows["adv"][:8].abs().sum() == 0
