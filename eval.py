@@ -139,4 +139,8 @@ def main(args: Args):
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, non-zero exit, nothing written
+        raise SystemExit(f"error: {e}")

@@ -174,6 +174,10 @@ class WMPOArgs:
     """P: real trajectories per lifelong round (wmpo) / in total (grpo-real)"""
     round_eval_episodes: int = 100
     """real episodes per task to report success after each lifelong round"""
+    refresh_wm_steps: int = -1
+    """world-model fine-tuning steps per lifelong round (-1: train_wm's preset wm_finetune_steps)"""
+    refresh_reward_steps: int = -1
+    """reward-model fine-tuning steps per lifelong round (-1: a third of train_wm's preset reward_steps)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
@@ -376,24 +380,28 @@ def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
     a_pol = [torch.from_numpy(e["actions"]).to(args.device) for e in all_real]
     wm = wmpo.load(os.path.join(args.run_dir, "wm.safetensors"), args.device)
     C, K = wm.cfg.context, wm.cfg.chunk
-    steps = wargs.wm_finetune_steps
+    steps = args.refresh_wm_steps if args.refresh_wm_steps >= 0 else wargs.wm_finetune_steps
+    reward_steps = args.refresh_reward_steps if args.refresh_reward_steps >= 0 else wargs.reward_steps // 3
     wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda: wm(*train_wm.window_batch(z_pol, a_pol, C, K, wargs.batch_size)),
                              wargs.lr * 0.3, f"wm-round{r}")
     wmpo.save(wm, os.path.join(args.run_dir, "wm.safetensors"), steps)
     reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
-    reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, wargs.reward_steps // 3,
+    reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, reward_steps,
                                  lambda: reward.loss(*train_wm.clip_batch(everything, codec, reward.cfg.clip, wargs.batch_size, args.device)),
                                  wargs.lr * 0.3, f"reward-round{r}")
-    wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), wargs.reward_steps)
+    wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), reward_steps)
 
 
 if __name__ == "__main__":
     import tyro
 
     args = tyro.extras.subcommand_cli_from_dict({"sft": SFTArgs, "wmpo": WMPOArgs, "grpo-real": GRPORealArgs})
-    if isinstance(args, GRPORealArgs):
-        grpo_loop(args, real=True)
-    elif isinstance(args, WMPOArgs):
-        lifelong(args) if args.rounds > 1 else grpo_loop(args, real=False)
-    else:
-        sft(args)
+    try:
+        if isinstance(args, GRPORealArgs):
+            grpo_loop(args, real=True)
+        elif isinstance(args, WMPOArgs):
+            lifelong(args) if args.rounds > 1 else grpo_loop(args, real=False)
+        else:
+            sft(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one clear line, non-zero exit
+        raise SystemExit(f"error: {e}")

@@ -487,4 +487,8 @@ def print_report(rep, tasks):
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, non-zero exit
+        raise SystemExit(f"error: {e}")

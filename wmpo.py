@@ -108,6 +108,15 @@ class FiLM(nn.Module):
         return x * (1 + gamma) + beta
 
 
+def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Keypoints: each channel's softmax over pixels -> the expected (x, y) in [-1, 1]. (b, n, h, w) -> (b, n, 2)."""
+    b, n, h, w = x.shape
+    attn = rearrange(x, "b n h w -> b n (h w)").softmax(-1)
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)  # (h*w, 2)
+    return attn @ grid
+
+
 class VLA(nn.Module):
     """Frame + instruction -> K x A action tokens, all decoded in one forward pass (parallel decoding).
 
@@ -155,13 +164,7 @@ class VLA(nn.Module):
         x = F.gelu(self.film2(self.conv2(x), text))
         x = F.gelu(self.film3(self.conv3(x), text))
         x = self.conv4(x)  # (b, keypoints, 32, 32)
-        # -- spatial softmax: each channel becomes the expected (x, y) of its activation map --
-        attn = rearrange(x, "b n h w -> b n (h w)").softmax(-1)
-        hh, ww = x.shape[-2:]
-        gy, gx = torch.meshgrid(torch.linspace(-1, 1, hh, device=x.device), torch.linspace(-1, 1, ww, device=x.device), indexing="ij")
-        kx = attn @ gx.reshape(-1, 1)  # (b, n, 1)
-        ky = attn @ gy.reshape(-1, 1)
-        feats = torch.cat([rearrange(torch.cat([kx, ky], -1), "b n two -> b (n two)"), text], dim=-1)
+        feats = torch.cat([rearrange(spatial_softmax(x), "b n two -> b (n two)"), text], dim=-1)
         out = self.head(feats)
         return rearrange(out, "b (ka v) -> b ka v", v=self.cfg.bins)
 
@@ -580,12 +583,8 @@ class RewardModel(nn.Module):
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.film(self.conv2(x), repeat(text, "b d -> (b t) d", t=t)))
         x = self.conv3(x)
-        flat = rearrange(x, "bt n h w -> bt n (h w)")
-        attn = flat.softmax(-1)
-        hh, ww = x.shape[-2:]
-        gy, gx = torch.meshgrid(torch.linspace(-1, 1, hh, device=x.device), torch.linspace(-1, 1, ww, device=x.device), indexing="ij")
-        kx, ky = attn @ gx.reshape(-1, 1), attn @ gy.reshape(-1, 1)
-        feats = torch.cat([kx[..., 0], ky[..., 0], flat.amax(-1)], -1)
+        kp = spatial_softmax(x)  # (bt, n, 2)
+        feats = torch.cat([kp[..., 0], kp[..., 1], x.flatten(2).amax(-1)], -1)  # + how strongly each keypoint fires
         return rearrange(feats, "(b t) f -> b t f", b=b)
 
     def clip_logits(self, frames, words):

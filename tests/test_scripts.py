@@ -1,0 +1,90 @@
+"""Subprocess smoke tests of the three entry scripts on a tiny budget, in one run folder, plus their bad-input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, ok=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if ok:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("run"))
+    run("train_policy.py", "sft", "--run-dir", d, "--demos", "3", "3", "3", "--num-steps", "2",
+        "--policy.width", "8", "--policy.hidden", "32")
+    return d
+
+
+def test_sft_writes_its_files(run_dir):
+    for f in ["policy_sft.safetensors", "sft.args.json", "sft.metrics.jsonl"]:
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    assert any(f.startswith("demos-") for f in os.listdir(os.path.join(run_dir, "data")))
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "sft.metrics.jsonl"))]
+    assert len(rows) == 2 and "sft/loss" in rows[0]
+
+
+def test_eval_writes_valid_json(run_dir):
+    run("eval.py", "--run-dir", run_dir, "--episodes", "2", "--temperatures", "0", "1.6", "--videos", "1")
+    res = json.load(open(os.path.join(run_dir, "eval.json")))
+    for key in ["policy_sft", "policy_sft@T1.6"]:
+        for task in ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]:
+            r = res[key][task]
+            assert r["episodes"] == 2 and 0 <= r["success_rate"] <= 1 and r["ci95"][0] <= r["success_rate"] <= r["ci95"][1]
+        assert "mean" in res[key]
+    assert os.path.exists(os.path.join(run_dir, "eval.md"))
+    assert os.path.exists(os.path.join(run_dir, "videos", "policy_sft-PushCube-v0.gif"))
+
+
+def test_train_wm_then_wmpo_then_grpo_real(run_dir):
+    run("train_wm.py", "--run-dir", run_dir, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
+        "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
+        "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
+        "--wm.d", "32", "--wm.n-layer", "1", "--wm.n-head", "2", "--codec.width", "8", "--reward.width", "8")
+    rep = json.load(open(os.path.join(run_dir, "wm_report.json")))
+    for k in ["psnr_by_horizon", "psnr_copy_baseline_by_horizon", "object_err_px_by_horizon",
+              "object_err_px_copy_baseline_by_horizon", "success_radius_px", "median_success_len", "reward_f1",
+              "reward_precision", "reward_recall", "reward_threshold", "outcome_agreement", "advantage_correlation",
+              "trajectories", "imagined_frames_per_s", "real_env_steps_per_s", "per_task"]:
+        assert k in rep, k
+    assert rep["trajectories"] == 6
+    for f in ["wm.safetensors", "reward.safetensors", "codec.safetensors"]:
+        assert os.path.exists(os.path.join(run_dir, f))
+    run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1", "--init-states", "4",
+        "--grpo.states-per-task", "1", "--grpo.group-size", "2")
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "wmpo.metrics.jsonl"))]
+    assert "wmpo/imagined_success" in rows[-1] and "wmpo/kept_group_frac" in rows[-1]
+    assert os.path.exists(os.path.join(run_dir, "policy_wmpo.safetensors"))
+    run("train_policy.py", "grpo-real", "--run-dir", run_dir, "--budget", "12", "--states-per-task-real", "1",
+        "--grpo.group-size", "2", "--iterations", "5")
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "grpo_real.metrics.jsonl"))]
+    assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
+
+
+def test_bad_inputs_fail_clearly_and_touch_nothing(run_dir, tmp_path):
+    out = run("eval.py", "--run-dir", run_dir, "--tasks", "wmpo/Nope-v0", ok=False)
+    assert out.returncode != 0 and "unknown task id 'wmpo/Nope-v0'" in out.stderr
+    empty = str(tmp_path / "empty")
+    out = run("train_policy.py", "wmpo", "--run-dir", empty, ok=False)
+    assert out.returncode != 0 and "python train_policy.py sft" in out.stderr
+    out = run("train_wm.py", "--run-dir", empty, ok=False)
+    assert out.returncode != 0 and "python train_policy.py sft" in out.stderr
+    # a truncated checkpoint: a clear error naming it, and the file is left as it was
+    bad = os.path.join(run_dir, "policy_bad.safetensors")
+    data = open(os.path.join(run_dir, "policy_sft.safetensors"), "rb").read()[:1000]
+    open(bad, "wb").write(data)
+    before = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".safetensors")}
+    out = run("eval.py", "--run-dir", run_dir, "--checkpoints", "policy_bad", "--episodes", "1", ok=False)
+    assert out.returncode != 0 and "policy_bad.safetensors" in out.stderr and "corrupt" in out.stderr
+    after = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".safetensors")}
+    assert before == after
