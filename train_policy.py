@@ -188,7 +188,7 @@ class GRPORealArgs(WMPOArgs):
     """initial states per task per iteration in the real env: P = 128 allows 128 / (3 tasks * 2 * 8) = 2-3 updates"""
 
 
-WMPO_PRESETS = {"tiny": 20, "small": 60, "gpu": 200}
+WMPO_PRESETS = {"tiny": 15, "small": 60, "gpu": 200}
 
 
 class TaskWorld:
