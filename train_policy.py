@@ -184,8 +184,8 @@ class WMPOArgs:
 @dataclass
 class GRPORealArgs(WMPOArgs):
     out: str = "policy_grpo_real"
-    states_per_task_real: int = 2
-    """initial states per task per iteration in the real env: P = 128 allows 128 / (3 tasks * 2 * 8) = 2-3 updates"""
+    states_per_task_real: int = 1
+    """initial states per task per iteration in the real env: P = 128 allows 128 // (3 tasks * 1 * 8) = 5 updates"""
 
 
 WMPO_PRESETS = {"tiny": 15, "small": 60, "gpu": 200}
