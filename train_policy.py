@@ -122,7 +122,7 @@ def sft(args: SFTArgs):
     bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps)
     for step in bar:
         t0 = time.time()
-        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / num_steps))  # warmup + cosine
+        lr = float(args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / num_steps)))  # warmup + cosine
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(frames), (args.batch_size,))

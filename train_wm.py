@@ -133,7 +133,7 @@ def train_loop(model, name: str, args: Args, num_steps: int, loss_fn, lr: float,
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / num_steps)))
+            g["lr"] = float(lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / num_steps))))  # a numpy float would not load with weights_only
         loss, logs = loss_fn()
         if not torch.isfinite(loss):
             raise SystemExit(f"error: {desc} loss is {loss.item()} at step {step}; kept the last checkpoint {path}")
@@ -324,7 +324,7 @@ def report(args, wm, codec, reward, sets, real_steps_per_s) -> dict:
                 if ok.any():
                     err[h - 1].append(float(d_i[ok].max()))
                     err_copy[h - 1].append(float(d_c[ok].max()))
-        keep = [h for h in range(H) if len(psnr[h]) >= 10]  # horizons with enough episodes still running
+        keep = [h for h in range(H) if len(psnr[h]) >= min(10, len(eps))]  # horizons with enough episodes left
         # advantage correlation: group-normalised advantages from real outcomes vs imagined verdicts
         adv_r = group_advantages(torch.tensor(real_succ, dtype=torch.float32), G)
         adv_i = group_advantages(torch.tensor(imag_succ, dtype=torch.float32), G)
@@ -352,8 +352,9 @@ def report(args, wm, codec, reward, sets, real_steps_per_s) -> dict:
         if isinstance(vals[0], list):  # mean over tasks at each horizon any task still has
             H = max(len(v) for v in vals)
             rep[k] = [float(np.mean([v[h] for v in vals if h < len(v)])) for h in range(H)]
-        elif all(v is not None for v in vals):
-            rep[k] = float(np.mean(vals))
+        else:  # tasks with no value (no successful episode: no median length) are left out of the mean
+            vals = [v for v in vals if v is not None]
+            rep[k] = float(np.mean(vals)) if vals else None
     rep["outcome_agreement"] = float((real == imag).mean())
     rep["advantage_correlation"] = float(np.corrcoef(ar, ai)[0, 1]) if ar.std() > 0 and ai.std() > 0 else 0.0
     rep["trajectories"] = int(len(real))

@@ -379,7 +379,7 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.pos_space, std=0.02)
         nn.init.normal_(self.pos_time, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.action_mlp = nn.Sequential(nn.Linear(cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.action_mlp = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.no_action = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
@@ -400,11 +400,15 @@ class WorldModel(nn.Module):
         return rearrange(x, "b (t h w) (c p1 p2) -> b t c (h p1) (w p2)", t=t, h=g, w=g, p1=p, p2=p)
 
     def frame_cond(self, flow_t, actions):
-        """Per-frame condition: time embedding + action embedding (or "no action"). (b, t), (b, t, a) | None."""
+        """Per-frame condition: time embedding + action embedding (or "no action"). (b, t), (b, t, a) | None.
+
+        Frame j of a chunk gets its own action and the running sum of the chunk's actions up to it: the pusher's
+        displacement from the last context frame is (nearly) that sum, which a frame's own action alone does not say.
+        """
         c = self.time_mlp(timestep_embedding(flow_t, self.cfg.d))
         if actions is None:
             return c + self.no_action
-        return c + self.action_mlp(actions)
+        return c + self.action_mlp(torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1))
 
     def embed(self, z, frame_offset):
         b, t = z.shape[:2]
