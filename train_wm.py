@@ -439,6 +439,10 @@ def main(args: Args):
     z_all, a_all = encode(train_eps)
     z_pol, a_pol = encode(sets["rollouts"])
     C, K = args.wm.context, args.wm.chunk
+    if args.wm.residual_scale == 1.0:  # measure it: 1 / std of 8-frame residuals against the last context frame
+        zb, _ = window_batch(z_all, a_all, C, K, 256)
+        args.wm.residual_scale = float(1.0 / (zb[:, C:] - zb[:, C - 1 : C]).std().clamp(min=1e-3))
+        print(f"world-model residual scale {args.wm.residual_scale:.2f}")
     wm = wmpo.WorldModel(args.wm).to(args.device)
     wm = train_loop(wm, "wm_pretrain", args, args.wm_steps, lambda: wm(*window_batch(z_all, a_all, C, K, args.batch_size)),
                     args.lr, "wm")

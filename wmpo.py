@@ -297,6 +297,8 @@ class WorldModelConfig:
     n_layer: int = 4
     n_head: int = 4
     ctx_noise: float = 0.05  # noisy-context level in training (paper 50/1000; its code 15/1000)
+    residual_scale: float = 1.0  # residual targets are multiplied by this (train_wm sets ~1/std of the residuals):
+    # frame-to-frame residuals are ~0.1 in size, so unscaled they vanish under unit noise at all but t ~ 1
     sample_steps: int = 4  # Euler steps of the rectified-flow sampler
 
     @property
@@ -439,7 +441,7 @@ class WorldModel(nn.Module):
         """Rectified-flow loss. z: (b, C+K, c, h, w) clean latents; actions (b, K, a). Returns (loss, logs)."""
         C = self.cfg.context
         z_ctx, z_fut = z[:, :C], z[:, C:]
-        x1 = z_fut - z_ctx[:, -1:]  # residual target
+        x1 = (z_fut - z_ctx[:, -1:]) * self.cfg.residual_scale  # residual target, scaled to unit variance
         noise_lvl = self.cfg.ctx_noise
         z_ctx = (1 - noise_lvl) * z_ctx + noise_lvl * torch.randn_like(z_ctx)  # noisy-context conditioning
         eps = torch.randn_like(x1)
@@ -473,7 +475,7 @@ class WorldModel(nn.Module):
                 h, _ = blk(h, cond, cache=kv, q_frame_offset=C)
             v = self.head(h, cond)
             xt = xt + v / steps
-        return z_ctx[:, -1:] + xt  # residual -> absolute latents
+        return z_ctx[:, -1:] + xt / self.cfg.residual_scale  # residual -> absolute latents
 
 
 class WorldModelEnv:

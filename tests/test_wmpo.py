@@ -146,7 +146,7 @@ def test_world_model_shapes_and_cache_equals_full_pass():
     out = wm.predict(z[:, :4], a, steps=1, generator=g)  # context K/V cached once, new frames attend to the cache
     eps = torch.randn(2, 8, 16, 8, 8, generator=torch.Generator().manual_seed(3))
     v = wm.velocity(z[:, :4], eps, torch.zeros(2), a)  # one full-sequence pass
-    torch.testing.assert_close(out, z[:, 3:4] + eps + v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, z[:, 3:4] + (eps + v) / wm.cfg.residual_scale, atol=1e-5, rtol=1e-5)
     assert out.shape == (2, 8, 16, 8, 8)
 
 
