@@ -201,12 +201,11 @@ class TaskWorld:
         if not real:  # a pool of real initial frames from training seeds
             seeds = envs.seeds("wmpo", task, args.init_states)
             env = envs.make(task)
-            pool = [env.reset(seed=s) for s in seeds]
-            self.pool_frames = torch.from_numpy(np.stack([o for o, _ in pool]))
-            self.pool_instr = []
-            for s in seeds:
-                env.reset(seed=s)
+            frames, self.pool_instr = [], []
+            for s in seeds:  # one reset per seed gives both its first frame and its instruction
+                frames.append(env.reset(seed=s)[0])
                 self.pool_instr.append(env.unwrapped.instruction)
+            self.pool_frames = torch.from_numpy(np.stack(frames))
             env.close()
         self.next_real_seed = 0
 

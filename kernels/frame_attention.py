@@ -31,9 +31,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
