@@ -76,11 +76,26 @@ PUSH_TWO_TEMPLATES = [
 ]
 
 
-def scene_xml(blocks: list[str], pads: list[str]) -> str:
-    """MJCF of the table, the pusher, sliding blocks and flat (collision-free, mocap) pads."""
-    mats = "".join(
-        f'<material name="{n}" rgba="{r} {g} {b} 1" emission="1" specular="0"/>' for n, (r, g, b) in COLORS.items()
-    )
+SHIFTS = ("Position", "Background", "Texture")  # evaluation-only perturbations (the paper's generalisation table)
+SHIFT_TABLE_RGB = (0.45, 0.33, 0.2)  # Background: a brown table instead of the grey one every training frame shows
+SHIFT_CORNER = (0.20, 0.23)  # Position: the pusher starts with |x|, |y| in this range; training layouts use <= 0.19
+
+
+def scene_xml(blocks: list[str], pads: list[str], shift: str | None = None) -> str:
+    """MJCF of the table, the pusher, sliding blocks and flat (collision-free, mocap) pads.
+
+    shift="Background" paints the table brown; shift="Texture" gives every block and pad a checkerboard of its
+    colour and a darker shade of it (still the only object of that hue, so the instruction stays unambiguous)."""
+    colors = dict(COLORS, table=SHIFT_TABLE_RGB) if shift == "Background" else COLORS
+    mats, texs = "", ""
+    for n, (r, g, b) in colors.items():
+        tex = ""
+        if shift == "Texture" and n in blocks + pads:
+            texs += (f'<texture name="tex_{n}" type="2d" builtin="checker" width="32" height="32" '
+                     f'rgb1="{r} {g} {b}" rgb2="{0.45 * r} {0.45 * g} {0.45 * b}"/>')
+            tex = f' texture="tex_{n}" texrepeat="2 2"'
+        mats += f'<material name="{n}" rgba="{"1 1 1" if tex else f"{r} {g} {b}"} 1" emission="1" specular="0"{tex}/>'
+    mats = texs + mats
     pad_bodies = "".join(
         f'<body name="pad_{c}" mocap="true" pos="0 0 0.001"><geom type="cylinder" size="{PAD_R} 0.001" '
         f'material="{c}" contype="0" conaffinity="0"/></body>'
@@ -135,10 +150,11 @@ class TabletopEnv(gym.Env):
     blocks: list[str] = []
     pads: list[str] = []
     horizon = 50
+    shift: str | None = None  # one of SHIFTS in the perturbed variants (wmpo/<Task>-<Shift>-v0), never in training
 
     def __init__(self, render_mode: str | None = "rgb_array"):
         self.render_mode = render_mode
-        self.model = mujoco.MjModel.from_xml_string(scene_xml(self.blocks, self.pads))
+        self.model = mujoco.MjModel.from_xml_string(scene_xml(self.blocks, self.pads, self.shift))
         self.data = mujoco.MjData(self.model)
         self.renderer = None  # created lazily: a vector env's parent process never renders
         self.observation_space = gym.spaces.Box(0, 255, (IMG, IMG, 3), np.uint8)
@@ -169,6 +185,8 @@ class TabletopEnv(gym.Env):
         super().reset(seed=seed)
         mujoco.mj_resetData(self.model, self.data)
         pusher, blocks, pads, self.instruction = self.sample_layout(self.np_random)
+        if self.shift == "Position":  # same layout, but the pusher starts in a corner no training layout reaches
+            pusher = self.corner_start(self.np_random, list(blocks.values()) + list(pads.values()))
         self.data.qpos[self.pusher_qpos] = pusher
         self.data.ctrl[:] = pusher
         for c, xy in blocks.items():
@@ -216,6 +234,15 @@ class TabletopEnv(gym.Env):
         action, self.waypoint = push_action(p, self.block(block), self.pad(pad), [self.block(o) for o in obstacles])
         self.waypoint_steps = 0
         return action
+
+    @staticmethod
+    def corner_start(rng, objects: list[np.ndarray]) -> np.ndarray:
+        """A pusher start with |x|, |y| in SHIFT_CORNER, at least 8 cm from every block and pad."""
+        for _ in range(1000):
+            p = rng.uniform(*SHIFT_CORNER, size=2) * rng.choice([-1.0, 1.0], size=2)
+            if all(np.linalg.norm(p - o) >= 0.08 for o in objects):
+                return p
+        raise RuntimeError("no free corner for the pusher")
 
     # -- per-task pieces --------------------------------------------------------------------------------------
     def sample_layout(self, rng):
@@ -379,6 +406,16 @@ class PushTwo(TabletopEnv):
 
 
 TASKS = ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]
+# perturbed variants for evaluation only: wmpo/PushCube-v0 -> wmpo/PushCube-Position-v0, -Background-v0, -Texture-v0
+VARIANTS = [t.replace("-v0", f"-{shift}-v0") for t in TASKS for shift in SHIFTS]
+
+
+def base_task(task: str) -> str:
+    """wmpo/PushCube-Texture-v0 -> wmpo/PushCube-v0 (a task is its own base)."""
+    for shift in SHIFTS:
+        task = task.replace(f"-{shift}-v0", "-v0")
+    return task
+
 
 # Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
 SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000, "wmpo": 400_000,
@@ -387,18 +424,39 @@ SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300
 
 def seeds(purpose: str, task: str, n: int, start: int = 0) -> list[int]:
     """n reset seeds for `purpose` on `task`: 10,000 per task inside a purpose's 100,000 block."""
-    base = SEED_BASE[purpose] + TASKS.index(task) * 10_000 + start
+    base = SEED_BASE[purpose] + TASKS.index(base_task(task)) * 10_000 + start  # a variant shares its task's seeds
     assert start + n <= 10_000, "seed range exhausted"
     return list(range(base, base + n))
 for _name, _cls in [("Reach", Reach), ("PushCube", PushCube), ("PushTwo", PushTwo)]:
     if f"wmpo/{_name}-v0" not in gym.registry:
         gym.register(f"wmpo/{_name}-v0", entry_point=_cls, max_episode_steps=None)
+    for _shift in SHIFTS:  # a subclass per shift, at module level so spawned vector-env workers can import it
+        _var = type(f"{_name}{_shift}", (_cls,), {"shift": _shift})
+        globals()[_var.__name__] = _var
+        if f"wmpo/{_name}-{_shift}-v0" not in gym.registry:
+            gym.register(f"wmpo/{_name}-{_shift}-v0", entry_point=_var, max_episode_steps=None)
+
+
+def goal_distance(task: str, instruction: str, object_pos: np.ndarray) -> np.ndarray:
+    """Summed distance (m) of each object the instruction names to its goal pad, per step: (T, objects, 2) -> (T,).
+
+    Every template names colours in the order object, pad (, object, pad): Reach (pusher, pad), PushCube (block,
+    pad), PushTwo (block, pad, block, pad). Used to find setbacks (an object moving away from its goal) in episodes."""
+    env = make(task).unwrapped
+    names, cols = env.object_names, [w for w in instruction.replace(",", " ").split() if w in COLORS]
+    if not env.blocks:  # Reach: the pusher is the object
+        cols = ["white"] + cols
+    pairs = [(names.index("pusher" if o == "white" else f"block_{o}"), names.index(f"pad_{p}"))
+             for o, p in zip(cols[::2], cols[1::2])]
+    env.close()
+    return sum(np.linalg.norm(object_pos[:, i] - object_pos[:, j], axis=-1) for i, j in pairs)
 
 
 def make(task: str, **kwargs) -> gym.Env:
     """gym.make with a clear error for an unknown task id."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task id {task!r}; known tasks: {', '.join(TASKS)}")
+    if task not in TASKS + VARIANTS:
+        raise ValueError(f"unknown task id {task!r}; known tasks: {', '.join(TASKS)} (and their variants "
+                         f"<task>-{{{','.join(SHIFTS)}}}-v0)")
     return gym.make(task, **kwargs)
 
 

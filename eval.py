@@ -42,6 +42,10 @@ class Args:
     device: str = "cpu"
     out: str = "eval"
     """output name: <out>.json and <out>.md in the run folder"""
+    suite: str = "tasks"
+    """tasks: --tasks as they are | generalisation: their perturbed variants (envs.SHIFTS), never seen in training"""
+    setback_cm: float = 2.0
+    """recovery detector: a successful episode whose goal distance rose this far above its best so far"""
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -54,15 +58,27 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(episodes: list[dict]) -> dict:
+def setback(dist: np.ndarray) -> float:
+    """Largest rise of a goal-distance trace above its running minimum (m): how far the episode went backwards."""
+    return float((dist - np.minimum.accumulate(dist)).max())
+
+
+def summarize(episodes: list[dict], setback_m: float = 0.02) -> dict:
+    """Success rate with its Wilson interval, mean success length, and self-correction: the share of successful
+    episodes that first moved an object at least `setback_m` away from its goal (a block knocked off line or off
+    its pad, a pusher overshooting) and still succeeded."""
     succ = np.array([bool(ep["success"][-1]) for ep in episodes])
     lens = np.array([len(ep["actions"]) - 1 for ep in episodes])
     lo, hi = wilson(int(succ.sum()), len(succ))
+    backs = np.array([setback(envs.goal_distance(ep["task"], ep["instruction"], ep["object_pos"])) for ep in episodes])
+    recovered = succ & (backs >= setback_m)
     return {
         "success_rate": float(succ.mean()),
         "ci95": [lo, hi],
         "episodes": len(succ),
         "mean_success_len": float(lens[succ].mean()) if succ.any() else None,
+        "recovery_rate": float(recovered.sum() / max(succ.sum(), 1)),  # of successful episodes
+        "setback_rate": float((backs >= setback_m).mean()),  # of all episodes
     }
 
 
@@ -90,6 +106,25 @@ def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: 
     return envs.collect(task, fn, envs.seeds("eval", task, n), num_envs=num_envs, desc=f"eval {task} T={temperature}")
 
 
+def generalisation_table(results: dict, tasks: list[str]) -> tuple[dict, str]:
+    """The paper's Table 2 layout: a row per checkpoint, a column per shift (mean over tasks) and their mean."""
+    table, lines = {}, ["| checkpoint | " + " | ".join(envs.SHIFTS) + " | mean |", "|---|" + "---|" * (len(envs.SHIFTS) + 1)]
+    for name, res in results.items():
+        row = {s: float(np.mean([res[t.replace("-v0", f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
+        row["mean"] = float(np.mean(list(row.values())))
+        table[name] = row
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1%}" for s in [*envs.SHIFTS, "mean"]) + " |")
+    return table, "\n".join(lines) + "\n"
+
+
+def recovery_gif(episodes: list[dict], path: str, n: int = 4) -> None:
+    """The clearest recoveries: successful episodes with the largest setbacks."""
+    succ = [ep for ep in episodes if ep["success"][-1]]
+    succ.sort(key=lambda ep: -setback(envs.goal_distance(ep["task"], ep["instruction"], ep["object_pos"])))
+    if succ:
+        video(succ[:n], path)
+
+
 def markdown(results: dict, tasks: list[str]) -> str:
     names = list(results)
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -101,6 +136,8 @@ def markdown(results: dict, tasks: list[str]) -> str:
             cells.append(f"{r['success_rate']:.1%}{ci}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines.append("| episodes per task | " + " | ".join(str(results[n][tasks[0]]["episodes"]) for n in names) + " |")
+    lines.append("| recovered after a setback (of successes) | " + " | ".join(
+        "/".join(f"{results[n][t]['recovery_rate']:.0%}" for t in tasks) for n in names) + " |")
     lines.append("| mean success length | " + " | ".join(
         "/".join(f"{results[n][t]['mean_success_len']:.1f}" if results[n][t]["mean_success_len"] else "-" for t in tasks)
         for n in names) + " |")
@@ -108,6 +145,11 @@ def markdown(results: dict, tasks: list[str]) -> str:
 
 
 def main(args: Args):
+    if args.suite not in ("tasks", "generalisation"):
+        raise ValueError(f"--suite must be tasks or generalisation, got {args.suite!r}")
+    base_tasks = list(args.tasks)
+    if args.suite == "generalisation":
+        args.tasks = tuple(t.replace("-v0", f"-{s}-v0") for t in base_tasks for s in envs.SHIFTS)
     for t in args.tasks:
         envs.make(t).close()  # an unknown id fails before any work
     torch.manual_seed(args.seed)
@@ -121,17 +163,22 @@ def main(args: Args):
             results[key] = {}
             for task in args.tasks:
                 eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device)
-                results[key][task] = summarize(eps)
+                results[key][task] = summarize(eps, args.setback_cm / 100)
                 r = results[key][task]
                 print(f"{key:24s} {task:20s} success {r['success_rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
                       f" n={r['episodes']}")
                 if args.videos:
                     video(eps[: args.videos], os.path.join(args.run_dir, "videos", f"{key}-{task.split('/')[1]}.gif"))
+                    recovery_gif(eps, os.path.join(args.run_dir, "videos", f"recoveries-{key}-{task.split('/')[1]}.gif"))
             rates = [results[key][t]["success_rate"] for t in args.tasks]
             results[key]["mean"] = {"success_rate": float(np.mean(rates)), "episodes": args.episodes * len(args.tasks)}
+    md = markdown(results, list(args.tasks))
+    if args.suite == "generalisation":
+        table, md_table = generalisation_table(results, base_tasks)
+        results = {"generalisation": table, **results}
+        md = md_table + "\n" + md
     data = json.dumps(results, indent=2)
     wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.json"), lambda tmp: open(tmp, "w").write(data))
-    md = markdown(results, list(args.tasks))
     wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.md"), lambda tmp: open(tmp, "w").write(md))
     print(md)
 

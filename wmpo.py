@@ -382,6 +382,9 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.pos_time, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.action_mlp = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        # actions also enter every token of their frame: through AdaLN alone (added to the flow-time embedding)
+        # opposite action chunks moved the condition by 7% and the prediction by 2%, and the model ignored them
+        self.action_tok = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.no_action = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
@@ -410,35 +413,59 @@ class WorldModel(nn.Module):
         c = self.time_mlp(timestep_embedding(flow_t, self.cfg.d))
         if actions is None:
             return c + self.no_action
-        return c + self.action_mlp(torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1))
+        return c + self.action_mlp(self.action_features(actions))
 
-    def embed(self, z, frame_offset):
+    @staticmethod
+    def action_features(actions):  # (b, K, a) -> (b, K, 2a): each frame's action and the chunk's running sum
+        return torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1)
+
+    def embed(self, z, frame_offset, actions=None):
+        """Latents -> tokens + position (+ each frame's action embedding on every one of its tokens)."""
         b, t = z.shape[:2]
         x = self.inp(self.to_tokens(z))
         pos = self.pos_time[frame_offset : frame_offset + t, None] + self.pos_space[None]  # (t, n, d)
-        return x + rearrange(pos, "t n d -> (t n) d")
+        x = x + rearrange(pos, "t n d -> (t n) d")
+        if actions is not None:
+            a = self.action_tok(self.action_features(actions))  # (b, t, d)
+            x = x + repeat(a, "b t d -> b (t n) d", n=self.cfg.frame_tokens)
+        return x
 
-    def velocity(self, z_ctx, x_t, flow_t, actions):
-        """Full-sequence pass (training). z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a)."""
+    def denoise(self, z_ctx, x_t, flow_t, actions):
+        """Full-sequence pass (training): the clean residual x1 predicted from x_t (x-prediction).
+        z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a) -> (b, K, ...)."""
         b, C = z_ctx.shape[:2]
         K = x_t.shape[1]
         n = self.cfg.frame_tokens
-        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C)], 1)  # (b, (C+K)*n, d)
+        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C, actions)], 1)  # (b, (C+K)*n, d)
         ctx_t = torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device)
         cond = torch.cat([self.frame_cond(ctx_t, None), self.frame_cond(flow_t[:, None].expand(b, K), actions)], 1)
         for blk in self.blocks:
             x, _ = blk(x, cond)
         return self.head(x[:, C * n :], cond[:, C:])
 
+    def velocity(self, z_ctx, x_t, flow_t, actions):
+        """Rectified-flow velocity (x1 - x_t) / (1 - t) from the x-prediction: what the Euler sampler integrates."""
+        x1 = self.denoise(z_ctx, x_t, flow_t, actions)
+        return (x1 - x_t) / (1 - flow_t).clamp(min=self.min_1mt)[:, None, None, None, None]
+
+    min_1mt = 0.05  # 1 - t floor: the velocity of an x-prediction blows up as t -> 1 (the sampler stops at 1 - 1/steps)
+
     def head(self, x, cond):
-        """Final AdaLN + projection of the generated frames' tokens to velocities. x (b, K*n, d), cond (b, K, d)."""
+        """Final AdaLN + projection of the generated frames' tokens to latents. x (b, K*n, d), cond (b, K, d)."""
         K = cond.shape[1]
         shift, scale = rearrange(self.ada_out(F.silu(cond)), "b t d -> b t 1 d").chunk(2, -1)
         h = rearrange(self.ln_out(x), "b (t n) d -> b t n d", t=K) * (1 + scale) + shift
         return self.from_tokens(self.out(rearrange(h, "b t n d -> b (t n) d")), K)
 
     def forward(self, z, actions):
-        """Rectified-flow loss. z: (b, C+K, c, h, w) clean latents; actions (b, K, a). Returns (loss, logs)."""
+        """Rectified-flow loss with x-prediction. z: (b, C+K, c, h, w) clean latents; actions (b, K, a).
+
+        The network predicts the clean residual x1 and is trained on ||x1_hat - x1||^2 (x-prediction, as in
+        "Back to Basics: Let Denoising Generative Models Denoise", 2025) rather than on the velocity x1 - eps:
+        the velocity loss is mostly the unpredictable noise, and the few latents the pusher moves were too small a
+        part of it to make the model use its actions (issue 5). At t = 0 the x-prediction is the conditional mean
+        of the next frames (a deterministic dynamics model, which tracked the pusher in the prototype); the flow
+        sampler adds the spread around it. Returns (loss, logs)."""
         C = self.cfg.context
         z_ctx, z_fut = z[:, :C], z[:, C:]
         x1 = (z_fut - z_ctx[:, -1:]) * self.cfg.residual_scale  # residual target, scaled to unit variance
@@ -447,10 +474,9 @@ class WorldModel(nn.Module):
         eps = torch.randn_like(x1)
         t = torch.rand(z.shape[0], device=z.device)
         x_t = t[:, None, None, None, None] * x1 + (1 - t[:, None, None, None, None]) * eps
-        v = self.velocity(z_ctx, x_t, t, actions)
-        loss = F.mse_loss(v, x1 - eps)
-        x1_hat = x_t + (1 - t[:, None, None, None, None]) * v  # one-step estimate, for a readable metric
-        return loss, {"wm/loss": loss.item(), "wm/x1_mse": F.mse_loss(x1_hat, x1).item()}
+        x1_hat = self.denoise(z_ctx, x_t, t, actions)
+        loss = F.mse_loss(x1_hat, x1)
+        return loss, {"wm/loss": loss.item(), "wm/x1_mse": loss.item()}
 
     @torch.no_grad()
     def predict(self, z_ctx, actions, steps: int | None = None, generator=None):
@@ -470,11 +496,11 @@ class WorldModel(nn.Module):
         for i in range(steps):
             t = torch.full((b,), i / steps, device=xt.device)
             cond = self.frame_cond(t[:, None].expand(b, K), actions)
-            h = self.embed(xt, C)
+            h = self.embed(xt, C, actions)
             for blk, kv in zip(self.blocks, caches):
                 h, _ = blk(h, cond, cache=kv, q_frame_offset=C)
-            v = self.head(h, cond)
-            xt = xt + v / steps
+            x1 = self.head(h, cond)
+            xt = xt + (x1 - xt) / (1 - i / steps) / steps  # Euler step along v = (x1 - x_t) / (1 - t)
         return z_ctx[:, -1:] + xt / self.cfg.residual_scale  # residual -> absolute latents
 
 

@@ -174,3 +174,53 @@ def test_no_segfault_renderer_then_optimizer(order):
     # prototype.md #9: the first optimizer after the first EGL renderer segfaulted; envs.py imports torch._dynamo first
     out = subprocess.run([sys.executable, "-c", SEGV_SCRIPT.format(root=ROOT, order=order)], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# -- perturbed variants (evaluation only) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", envs.TASKS)
+def test_variants_register_and_pass_check_env(task):
+    for shift in envs.SHIFTS:
+        env = gym.make(task.replace("-v0", f"-{shift}-v0"))
+        check_env(env.unwrapped, skip_render_check=True)
+        env.close()
+    assert not set(envs.VARIANTS) & set(envs.TASKS)  # variants are never part of the training task list
+
+
+def test_variants_really_differ_from_their_task():
+    task = "wmpo/PushCube-v0"
+    seed = envs.seeds("eval", task, 1)[0]
+    env = envs.make(task)
+    obs, info = env.reset(seed=seed)
+    instr = env.unwrapped.instruction
+    env.close()
+    table = obs[0, 0].astype(int)  # a corner pixel: bare table in every layout
+    for shift in envs.SHIFTS:
+        var = envs.make(task.replace("-v0", f"-{shift}-v0"))
+        o, i = var.reset(seed=seed)
+        assert var.unwrapped.instruction == instr  # same layout and words, one shift
+        assert (o != obs).any(), shift
+        if shift == "Position":  # the pusher starts outside the range every training layout uses (|x|,|y| <= 0.19)
+            assert (np.abs(i["object_pos"][0]) >= envs.SHIFT_CORNER[0]).all()
+            np.testing.assert_array_equal(i["object_pos"][1:], info["object_pos"][1:])
+        if shift == "Background":  # the table changed colour, the objects did not move
+            assert np.abs(o[0, 0].astype(int) - table).sum() > 60
+            np.testing.assert_array_equal(i["object_pos"], info["object_pos"])
+        if shift == "Texture":  # objects are checkered: the red block now shows two shades of red
+            row, col = np.round(envs.world_to_px(i["object_pos"][1])).astype(int)
+            patch = o[row - 2 : row + 3, col - 2 : col + 3].reshape(-1, 3).astype(int)
+            assert (patch[:, 0] - patch[:, 0].min() > 60).any() and (patch[:, 1:] < 100).all()
+            np.testing.assert_array_equal(i["object_pos"], info["object_pos"])
+        var.close()
+
+
+def test_goal_distance_follows_the_instruction():
+    env = envs.make("wmpo/PushTwo-v0")
+    _, info = env.reset(seed=3)
+    u = env.unwrapped
+    (b1, p1), (b2, p2) = u.order
+    want = np.linalg.norm(u.block(b1) - u.pad(p1)) + np.linalg.norm(u.block(b2) - u.pad(p2))
+    got = envs.goal_distance("wmpo/PushTwo-v0", u.instruction, info["object_pos"][None])
+    env.close()
+    np.testing.assert_allclose(got, [want], rtol=1e-5)

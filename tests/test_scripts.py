@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +97,22 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(run_dir, tmp_path):
     assert out.returncode != 0 and "policy_bad.safetensors" in out.stderr and "corrupt" in out.stderr
     after = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".safetensors")}
     assert before == after
+
+
+def test_recovery_detector_on_hand_made_traces():
+    import eval as ev
+
+    assert ev.setback(np.array([0.2, 0.15, 0.1, 0.05, 0.02])) == 0.0  # straight to the goal: no setback
+    assert abs(ev.setback(np.array([0.2, 0.1, 0.13, 0.04, 0.02])) - 0.03) < 1e-9  # knocked 3 cm back, recovered
+    # a summary over episodes: reach tasks read the pusher's distance to the named pad from object_pos
+    pos = lambda xs: np.array([[[x, 0.0], [0.0, 0.0], [0.1, 0.1], [-0.1, -0.1]] for x in xs], np.float32)  # noqa: E731
+    eps = [
+        {"task": "wmpo/Reach-v0", "instruction": "go to the red pad", "object_pos": pos([0.2, 0.1, 0.15, 0.01]),
+         "success": np.array([0, 0, 0, 1], bool), "actions": np.zeros((4, 2))},  # overshoot-like setback, success
+        {"task": "wmpo/Reach-v0", "instruction": "go to the red pad", "object_pos": pos([0.2, 0.1, 0.05, 0.01]),
+         "success": np.array([0, 0, 0, 1], bool), "actions": np.zeros((4, 2))},  # clean success
+        {"task": "wmpo/Reach-v0", "instruction": "go to the red pad", "object_pos": pos([0.2, 0.1, 0.2, 0.2]),
+         "success": np.array([0, 0, 0, 0], bool), "actions": np.zeros((4, 2))},  # setback, failure
+    ]
+    s = ev.summarize(eps, setback_m=0.02)
+    assert s["recovery_rate"] == 0.5 and abs(s["setback_rate"] - 2 / 3) < 1e-9
