@@ -93,7 +93,20 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
     return episodes
 
 
+def check_flags(args, positive=(), non_negative=()):
+    """Out-of-range flags stop the run before any work, with one line naming the flag."""
+    if args.preset not in SFT_PRESETS:
+        raise SystemExit(f"error: --preset must be one of {', '.join(SFT_PRESETS)}, got {args.preset!r}")
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
 def sft(args: SFTArgs):
+    check_flags(args, positive=("batch_size", "lr", "eval_every"), non_negative=("dart_noise", "augment_px", "weight_decay"))
     preset = SFT_PRESETS[args.preset]
     budgets = args.demos or preset["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else preset["num_steps"]
@@ -101,8 +114,14 @@ def sft(args: SFTArgs):
         raise SystemExit(f"error: --demos needs one number per task ({len(args.tasks)}), got {len(budgets)}")
     for t in args.tasks:
         envs.make(t).close()  # unknown ids fail here, before any work
+    rank, world = wmpo.dist_init()
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
     torch.manual_seed(args.seed)
-    wmpo.write_args(args.run_dir, "sft", args)
+    if rank == 0:  # rank 0 collects the demos and writes every file; the others read the demos it saved
+        wmpo.write_args(args.run_dir, "sft", args)
+        collect_demos(args, budgets)
+    wmpo.barrier()
     episodes = [ep for ep in collect_demos(args, budgets) if ep["success"][-1]]  # clone successes only
     frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins)
     print(f"SFT on {len(episodes)} demos, {len(frames)} (frame, chunk) pairs, {num_steps} steps")
@@ -113,34 +132,46 @@ def sft(args: SFTArgs):
     start = 0
     state = wmpo.load_train_state(ckpt.replace(".safetensors", ".train.pt"))
     if state is not None and os.path.exists(ckpt):  # resume: same command picks up where it stopped
-        policy.load_state_dict(wmpo.load(ckpt, expect="VLA").state_dict())
+        policy.load_state_dict(wmpo.load_same(ckpt, args.policy, expect="VLA").state_dict())
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         print(f"resuming SFT from step {start}")
 
-    bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps)
+    net = wmpo.wrap_ddp(policy)  # the policy itself in one process
+    bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
         t0 = time.time()
         lr = float(args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / num_steps)))  # warmup + cosine
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(frames), (args.batch_size,))
-        batch_frames = wmpo.shift_augment(frames[idx], args.augment_px) if args.augment_px else frames[idx]
-        loss, logs = policy(batch_frames.to(args.device), words[idx].to(args.device), tokens[idx].to(args.device), masks[idx].to(args.device))
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: SFT loss is {loss.item()} at step {step}; kept the last checkpoint {ckpt}")
+        # the global batch is a function of (seed, step) alone: every rank draws the same one and keeps its slice,
+        # so N processes train exactly like one, and a resumed run sees the batches the killed one would have
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(frames), (args.batch_size,), generator=gen)
+        shifts = torch.randint(0, 2 * args.augment_px + 1, (2, args.batch_size), generator=gen)
+        idx, shifts = idx[rank::world], shifts[:, rank::world]
+        batch_frames = wmpo.shift_augment(frames[idx], args.augment_px, shifts) if args.augment_px else frames[idx]
+        count = wmpo.all_sum(masks[idx].sum().float()).item() / world
+        loss, logs = net(batch_frames.to(args.device), words[idx].to(args.device), tokens[idx].to(args.device),
+                         masks[idx].to(args.device), count)
+        loss_all = wmpo.all_sum(loss.detach())  # the global batch's loss, identical on every rank
+        if not torch.isfinite(loss_all):
+            raise SystemExit(f"error: SFT loss is {loss_all.item()} at step {step}; kept the last checkpoint {ckpt}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        logs.update(step=step, lr=lr, dt=time.time() - t0)
-        wmpo.log_metrics(args.run_dir, "sft", logs)
-        bar.set_postfix(loss=f"{logs['sft/loss']:.3f}", acc=f"{logs['sft/token_acc_2bins']:.2f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
-            wmpo.save(policy, ckpt, step + 1)
-            wmpo.save_train_state(ckpt.replace(".safetensors", ".train.pt"), opt, step + 1)
-    print(f"saved {ckpt}")
+        logs.update({"sft/loss": loss_all.item() / world}, step=step, lr=lr, dt=time.time() - t0)
+        if rank == 0:
+            wmpo.log_metrics(args.run_dir, "sft", logs)
+            bar.set_postfix(loss=f"{logs['sft/loss']:.3f}", acc=f"{logs['sft/token_acc_2bins']:.2f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
+                wmpo.save(policy, ckpt, step + 1)
+                wmpo.save_train_state(ckpt.replace(".safetensors", ".train.pt"), opt, step + 1)
+    wmpo.barrier()
+    if rank == 0:
+        print(f"saved {ckpt}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -199,12 +199,13 @@ class VLA(nn.Module):
         logp_all = (self.logits(frames, words) / max(temperature, 1e-6)).log_softmax(-1)
         return -(logp_all.exp() * logp_all).sum(-1).mean()
 
-    def forward(self, frames, words, tokens, token_mask):
-        """SFT: cross-entropy on the action tokens. Returns (loss, logs)."""
+    def forward(self, frames, words, tokens, token_mask, token_count: float | None = None):
+        """SFT: cross-entropy on the action tokens, averaged over `token_count` tokens (default: the batch's valid
+        ones; under DDP the global count / world size, so the averaged gradient equals one process's). (loss, logs)."""
         logits = self.logits(frames, words)
         ce = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), tokens.reshape(-1), reduction="none")
         m = token_mask.reshape(-1).float()
-        loss = (ce * m).sum() / m.sum().clamp(min=1)
+        loss = (ce * m).sum() / (m.sum().clamp(min=1) if token_count is None else token_count)
         acc = ((logits.argmax(-1).reshape(-1) == tokens.reshape(-1)).float() * m).sum() / m.sum().clamp(min=1)
         # within one bin either side: a finer accuracy than exact-token match for 256 bins
         near = (((logits.argmax(-1) - tokens).abs().reshape(-1) <= 2).float() * m).sum() / m.sum().clamp(min=1)
@@ -382,9 +383,6 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.pos_time, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.action_mlp = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
-        # actions also enter every token of their frame: through AdaLN alone (added to the flow-time embedding)
-        # opposite action chunks moved the condition by 7% and the prediction by 2%, and the model ignored them
-        self.action_tok = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.no_action = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
@@ -413,59 +411,35 @@ class WorldModel(nn.Module):
         c = self.time_mlp(timestep_embedding(flow_t, self.cfg.d))
         if actions is None:
             return c + self.no_action
-        return c + self.action_mlp(self.action_features(actions))
+        return c + self.action_mlp(torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1))
 
-    @staticmethod
-    def action_features(actions):  # (b, K, a) -> (b, K, 2a): each frame's action and the chunk's running sum
-        return torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1)
-
-    def embed(self, z, frame_offset, actions=None):
-        """Latents -> tokens + position (+ each frame's action embedding on every one of its tokens)."""
+    def embed(self, z, frame_offset):
         b, t = z.shape[:2]
         x = self.inp(self.to_tokens(z))
         pos = self.pos_time[frame_offset : frame_offset + t, None] + self.pos_space[None]  # (t, n, d)
-        x = x + rearrange(pos, "t n d -> (t n) d")
-        if actions is not None:
-            a = self.action_tok(self.action_features(actions))  # (b, t, d)
-            x = x + repeat(a, "b t d -> b (t n) d", n=self.cfg.frame_tokens)
-        return x
+        return x + rearrange(pos, "t n d -> (t n) d")
 
-    def denoise(self, z_ctx, x_t, flow_t, actions):
-        """Full-sequence pass (training): the clean residual x1 predicted from x_t (x-prediction).
-        z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a) -> (b, K, ...)."""
+    def velocity(self, z_ctx, x_t, flow_t, actions):
+        """Full-sequence pass (training). z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a)."""
         b, C = z_ctx.shape[:2]
         K = x_t.shape[1]
         n = self.cfg.frame_tokens
-        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C, actions)], 1)  # (b, (C+K)*n, d)
+        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C)], 1)  # (b, (C+K)*n, d)
         ctx_t = torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device)
         cond = torch.cat([self.frame_cond(ctx_t, None), self.frame_cond(flow_t[:, None].expand(b, K), actions)], 1)
         for blk in self.blocks:
             x, _ = blk(x, cond)
         return self.head(x[:, C * n :], cond[:, C:])
 
-    def velocity(self, z_ctx, x_t, flow_t, actions):
-        """Rectified-flow velocity (x1 - x_t) / (1 - t) from the x-prediction: what the Euler sampler integrates."""
-        x1 = self.denoise(z_ctx, x_t, flow_t, actions)
-        return (x1 - x_t) / (1 - flow_t).clamp(min=self.min_1mt)[:, None, None, None, None]
-
-    min_1mt = 0.05  # 1 - t floor: the velocity of an x-prediction blows up as t -> 1 (the sampler stops at 1 - 1/steps)
-
     def head(self, x, cond):
-        """Final AdaLN + projection of the generated frames' tokens to latents. x (b, K*n, d), cond (b, K, d)."""
+        """Final AdaLN + projection of the generated frames' tokens to velocities. x (b, K*n, d), cond (b, K, d)."""
         K = cond.shape[1]
         shift, scale = rearrange(self.ada_out(F.silu(cond)), "b t d -> b t 1 d").chunk(2, -1)
         h = rearrange(self.ln_out(x), "b (t n) d -> b t n d", t=K) * (1 + scale) + shift
         return self.from_tokens(self.out(rearrange(h, "b t n d -> b (t n) d")), K)
 
     def forward(self, z, actions):
-        """Rectified-flow loss with x-prediction. z: (b, C+K, c, h, w) clean latents; actions (b, K, a).
-
-        The network predicts the clean residual x1 and is trained on ||x1_hat - x1||^2 (x-prediction, as in
-        "Back to Basics: Let Denoising Generative Models Denoise", 2025) rather than on the velocity x1 - eps:
-        the velocity loss is mostly the unpredictable noise, and the few latents the pusher moves were too small a
-        part of it to make the model use its actions (issue 5). At t = 0 the x-prediction is the conditional mean
-        of the next frames (a deterministic dynamics model, which tracked the pusher in the prototype); the flow
-        sampler adds the spread around it. Returns (loss, logs)."""
+        """Rectified-flow loss. z: (b, C+K, c, h, w) clean latents; actions (b, K, a). Returns (loss, logs)."""
         C = self.cfg.context
         z_ctx, z_fut = z[:, :C], z[:, C:]
         x1 = (z_fut - z_ctx[:, -1:]) * self.cfg.residual_scale  # residual target, scaled to unit variance
@@ -474,9 +448,10 @@ class WorldModel(nn.Module):
         eps = torch.randn_like(x1)
         t = torch.rand(z.shape[0], device=z.device)
         x_t = t[:, None, None, None, None] * x1 + (1 - t[:, None, None, None, None]) * eps
-        x1_hat = self.denoise(z_ctx, x_t, t, actions)
-        loss = F.mse_loss(x1_hat, x1)
-        return loss, {"wm/loss": loss.item(), "wm/x1_mse": loss.item()}
+        v = self.velocity(z_ctx, x_t, t, actions)
+        loss = F.mse_loss(v, x1 - eps)
+        x1_hat = x_t + (1 - t[:, None, None, None, None]) * v  # one-step estimate, for a readable metric
+        return loss, {"wm/loss": loss.item(), "wm/x1_mse": F.mse_loss(x1_hat, x1).item()}
 
     @torch.no_grad()
     def predict(self, z_ctx, actions, steps: int | None = None, generator=None):
@@ -496,11 +471,11 @@ class WorldModel(nn.Module):
         for i in range(steps):
             t = torch.full((b,), i / steps, device=xt.device)
             cond = self.frame_cond(t[:, None].expand(b, K), actions)
-            h = self.embed(xt, C, actions)
+            h = self.embed(xt, C)
             for blk, kv in zip(self.blocks, caches):
                 h, _ = blk(h, cond, cache=kv, q_frame_offset=C)
-            x1 = self.head(h, cond)
-            xt = xt + (x1 - xt) / (1 - i / steps) / steps  # Euler step along v = (x1 - x_t) / (1 - t)
+            v = self.head(h, cond)
+            xt = xt + v / steps
         return z_ctx[:, -1:] + xt / self.cfg.residual_scale  # residual -> absolute latents
 
 
@@ -798,6 +773,18 @@ def load(path: str, device="cpu", expect: str | None = None) -> nn.Module:
     return model.to(device)
 
 
+def load_same(path: str, cfg, device="cpu", expect: str | None = None) -> nn.Module:
+    """Load a checkpoint to resume from, refusing one written with another model config (names the fields)."""
+    model = load(path, device, expect)
+    theirs, ours = asdict(model.cfg), asdict(cfg)
+    diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if k not in ("threshold", "residual_scale", "table_rgb")
+            and json.dumps(theirs.get(k)) != json.dumps(ours[k])]
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with another model config ({', '.join(diff)}); "
+                         f"use the flags it was made with, or another --run-dir")
+    return model
+
+
 def check_state(model: nn.Module, state: dict, path: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -846,6 +833,63 @@ def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# multi-process training: `torchrun --nproc_per_node=N script.py ...` sets RANK / WORLD_SIZE; a plain run is rank 0 of 1
+
+
+def dist_init() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, joins the process group: NCCL on GPU, gloo on CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (the tensor itself in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel around `model` when running under torchrun, else the model itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def mean_grads(model: nn.Module) -> None:
+    """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def require(path: str, command: str) -> str:
     """Stop with a message naming the command that makes a missing run-folder input."""
     if not os.path.exists(path):
@@ -853,10 +897,11 @@ def require(path: str, command: str) -> str:
     return path
 
 
-def shift_augment(frames: torch.Tensor, pad: int = 3) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (edge-replicated), one shift per sample. uint8 (b, h, w, c)."""
+def shift_augment(frames: torch.Tensor, pad: int = 3, shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (edge-replicated), one shift per sample. uint8 (b, h, w, c).
+    shifts: (2, b) integers in [0, 2 * pad] to use instead of fresh random ones."""
     b, h, w, c = frames.shape
     x = F.pad(rearrange(frames, "b h w c -> b c h w").float(), (pad,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b)).tolist()
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b)) if shifts is None else shifts).tolist()
     out = torch.stack([x[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
     return rearrange(out, "b c h w -> b h w c").to(torch.uint8)
