@@ -245,8 +245,9 @@ class TaskWorld:
         K = policy.cfg.chunk
         n_chunks = -(-self.horizon // K)  # enough chunks to reach the task's horizon
         if self.real:
-            seeds = envs.seeds("grpo_real", self.task, B, start=self.next_real_seed)
-            self.next_real_seed += B
+            rank, world = wmpo.dist_init()  # ranks take disjoint seeds: every real trajectory is a new one
+            seeds = envs.seeds("grpo_real", self.task, B, start=self.next_real_seed + rank * B)
+            self.next_real_seed += world * B
             world = wmpo.RealChunkEnv(self.task, B * G)
             frames0 = world.reset([s for s in seeds for _ in range(G)])
             instr = world.instructions
@@ -289,10 +290,21 @@ def grpo_loop(args: WMPOArgs, real: bool):
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
     for t in args.tasks:
         envs.make(t).close()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    for k in ["budget", "init_states", "rounds"]:
+        if not getattr(args, k) > 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    if args.grpo.group_size < 2 or args.grpo.states_per_task < 1 or not args.grpo.lr > 0 or args.grpo.temperature < 0:
+        raise SystemExit("error: --grpo.group-size must be >= 2, --grpo.states-per-task >= 1, --grpo.lr > 0 and "
+                         f"--grpo.temperature >= 0 (got {args.grpo.group_size}, {args.grpo.states_per_task}, "
+                         f"{args.grpo.lr}, {args.grpo.temperature})")
+    # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
+    # local) and GRPO averages gradients over ranks: N processes = an N times larger batch per iteration
+    rank, world = wmpo.dist_init()
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
     name = "grpo_real" if real else "wmpo"
-    wmpo.write_args(args.run_dir, name, args)
+    if rank == 0:
+        wmpo.write_args(args.run_dir, name, args)
     init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
                              f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(init_path, args.device, expect="VLA")
@@ -318,9 +330,9 @@ def grpo_loop(args: WMPOArgs, real: bool):
             w.next_real_seed = state.get("next_real_seed", 0)
         print(f"resuming {name} from iteration {start}")
 
-    bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations)
+    bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
-        if real and used + len(worlds) * B * G > args.budget:
+        if real and used + world * len(worlds) * B * G > args.budget:
             print(f"real budget spent: {used} of P = {args.budget} trajectories used")
             break
         t0 = time.time()
@@ -339,11 +351,14 @@ def grpo_loop(args: WMPOArgs, real: bool):
             # dynamic sampling: roll out more only when under half the groups carry a learning signal
             if real or kept_groups * 2 >= total_groups:
                 break
-        used += n_traj if real else 0
+        used += int(wmpo.all_sum(torch.tensor(n_traj)).item()) if real else 0  # the budget counts every rank's
         t_roll = time.time() - t0
         batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        if world > 1 and kept_groups == 0:  # this rank's groups are all dropped, but it must join the gradient
+            batch["adv"] = torch.zeros_like(batch["adv"])  # all-reduce of the others: its rows add zero gradient
+            batch["mask"] = torch.ones_like(batch["mask"])
         policy.train()
-        if kept_groups > 0:
+        if wmpo.all_sum(torch.tensor(kept_groups)).item() > 0:
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
         logs.update({
             "step": it, "wmpo/imagined_success" if not real else "grpo/real_success":
@@ -353,12 +368,14 @@ def grpo_loop(args: WMPOArgs, real: bool):
             "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t0 - t_roll, 1e-6),
             "real_trajectories": used, "dt": time.time() - t0,
         })
-        wmpo.log_metrics(args.run_dir, name, logs)
-        bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
-                        kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
-        wmpo.save(policy, out_path, it + 1, real_trajectories=used)
-        wmpo.save_train_state(state_path, opt, it + 1, real_trajectories=used,
-                              next_real_seed=worlds[0].next_real_seed)
+        if rank == 0:
+            wmpo.log_metrics(args.run_dir, name, logs)
+            bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
+                            kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
+            wmpo.save(policy, out_path, it + 1, real_trajectories=used)
+            wmpo.save_train_state(state_path, opt, it + 1, real_trajectories=used,
+                                  next_real_seed=worlds[0].next_real_seed)
+    wmpo.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
     return policy
 
@@ -412,12 +429,12 @@ def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
     C, K = wm.cfg.context, wm.cfg.chunk
     steps = args.refresh_wm_steps if args.refresh_wm_steps >= 0 else wargs.wm_finetune_steps
     reward_steps = args.refresh_reward_steps if args.refresh_reward_steps >= 0 else wargs.reward_steps // 3
-    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda: wm(*train_wm.window_batch(z_pol, a_pol, C, K, wargs.batch_size)),
+    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda net: net(*train_wm.window_batch(z_pol, a_pol, C, K, wargs.batch_size)),
                              wargs.lr * 0.3, f"wm-round{r}")
     wmpo.save(wm, os.path.join(args.run_dir, "wm.safetensors"), steps)
     reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
     reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, reward_steps,
-                                 lambda: reward.loss(*train_wm.clip_batch(everything, codec, reward.cfg.clip, wargs.batch_size, args.device)),
+                                 lambda net: net(*train_wm.clip_batch(everything, codec, reward.cfg.clip, wargs.batch_size, args.device)),
                                  wargs.lr * 0.3, f"reward-round{r}")
     wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), reward_steps)
 

@@ -115,39 +115,45 @@ def collect_all(args: Args, policy: wmpo.VLA) -> dict[str, list[dict]]:
 
 def train_loop(model, name: str, args: Args, num_steps: int, loss_fn, lr: float, desc: str, log_name="train_wm"):
     """The one flat loop every model here trains with: AdamW, warmup + cosine, clip 1, atomic checkpoints, resume.
-    loss_fn() draws a batch and returns (loss, logs)."""
+    loss_fn(net) draws this rank's share of a batch and returns net(...)'s (loss, logs); under torchrun net is the
+    DistributedDataParallel wrapper (gradients averaged over ranks), else the model. Only rank 0 writes files."""
+    rank, world = wmpo.dist_init()
     path = os.path.join(args.run_dir, f"{name}.safetensors")
     state_path = path.replace(".safetensors", ".train.pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     start = 0
     state = wmpo.load_train_state(state_path)
     if state is not None and os.path.exists(path) and state.get("stage") == desc:
-        model.load_state_dict(wmpo.load(path).state_dict())
+        model.load_state_dict(wmpo.load_same(path, model.cfg).state_dict())
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         print(f"resuming {desc} from step {start}")
     elif os.path.exists(path) and state is not None and state.get("stage") == f"{desc}:done":
         print(f"{desc}: already trained ({path})")
         return wmpo.load(path, args.device)
-    bar = tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps)
+    net = wmpo.wrap_ddp(model)
+    bar = tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = float(lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / num_steps))))  # a numpy float would not load with weights_only
-        loss, logs = loss_fn()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: {desc} loss is {loss.item()} at step {step}; kept the last checkpoint {path}")
+        loss, logs = loss_fn(net)
+        loss_all = wmpo.all_sum(loss.detach()) / world
+        if not torch.isfinite(loss_all):
+            raise SystemExit(f"error: {desc} loss is {loss_all.item()} at step {step}; kept the last checkpoint {path}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         logs.update(step=step, stage=desc, dt=time.time() - t0)
-        wmpo.log_metrics(args.run_dir, log_name, logs)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if "/" in k})
-        if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
-            wmpo.save(model, path, step + 1)
-            done = step + 1 == num_steps
-            wmpo.save_train_state(state_path, opt, step + 1, stage=f"{desc}:done" if done else desc)
+        if rank == 0:
+            wmpo.log_metrics(args.run_dir, log_name, logs)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if "/" in k})
+            if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
+                wmpo.save(model, path, step + 1)
+                done = step + 1 == num_steps
+                wmpo.save_train_state(state_path, opt, step + 1, stage=f"{desc}:done" if done else desc)
+    wmpo.barrier()
     return model
 
 
@@ -413,12 +419,22 @@ def main(args: Args):
             setattr(args, k, v)
     for t in args.tasks:
         envs.make(t).close()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    for k in ["budget", "batch_size", "lr", "eval_every", "group_size", "heldout_groups", "val_per_task"]:
+        if not getattr(args, k) > 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    rank, world = wmpo.dist_init()
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
+    B = args.batch_size // world  # this rank's share of every batch
+    torch.manual_seed(args.seed + rank)  # ranks draw different windows and noise: together, one global batch
+    np.random.seed(args.seed + rank)
     t_start = time.time()
-    wmpo.write_args(args.run_dir, "train_wm", args)
     policy_path = wmpo.require(os.path.join(args.run_dir, "policy_sft.safetensors"), f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(policy_path, args.device, expect="VLA").eval()
+    if rank == 0:  # rank 0 collects every data set and writes every file; the others read what it saved
+        wmpo.write_args(args.run_dir, "train_wm", args)
+        collect_all(args, policy)
+    wmpo.barrier()
     sets = collect_all(args, policy)
     train_eps = sets["demos"] + sets["explore"] + sets["rollouts"]
 
@@ -427,7 +443,7 @@ def main(args: Args):
     args.codec.table_rgb = tuple((all_frames[:2000].reshape(-1, 3).float().median(0).values / 127.5 - 1).tolist())
     codec = wmpo.FrameCodec(args.codec).to(args.device)
     codec = train_loop(codec, "codec", args, args.codec_steps,
-                       lambda: codec(all_frames[torch.randint(len(all_frames), (64,))].to(args.device)), args.lr, "codec")
+                       lambda net: net(all_frames[torch.randint(len(all_frames), (64 // world,))].to(args.device)), args.lr, "codec")
     codec.eval().requires_grad_(False)
 
     # -- 2. world model: pre-train on all real data, then align to the base policy's own rollouts --
@@ -444,13 +460,13 @@ def main(args: Args):
         args.wm.residual_scale = float(1.0 / (zb[:, C:] - zb[:, C - 1 : C]).std().clamp(min=1e-3))
         print(f"world-model residual scale {args.wm.residual_scale:.2f}")
     wm = wmpo.WorldModel(args.wm).to(args.device)
-    wm = train_loop(wm, "wm_pretrain", args, args.wm_steps, lambda: wm(*window_batch(z_all, a_all, C, K, args.batch_size)),
+    wm = train_loop(wm, "wm_pretrain", args, args.wm_steps, lambda net: net(*window_batch(z_all, a_all, C, K, B)),
                     args.lr, "wm")
 
-    def aligned_batch():  # 3/4 base-policy rollouts, 1/4 everything else (no forgetting of rarer contacts)
-        zp, ap = window_batch(z_pol, a_pol, C, K, 3 * args.batch_size // 4)
-        za, aa = window_batch(z_all, a_all, C, K, args.batch_size - len(zp))
-        return wm(torch.cat([zp, za]), torch.cat([ap, aa]))
+    def aligned_batch(net):  # 3/4 base-policy rollouts, 1/4 everything else (no forgetting of rarer contacts)
+        zp, ap = window_batch(z_pol, a_pol, C, K, 3 * B // 4)
+        za, aa = window_batch(z_all, a_all, C, K, B - len(zp))
+        return net(torch.cat([zp, za]), torch.cat([ap, aa]))
 
     wm = train_loop(wm, "wm", args, args.wm_finetune_steps, aligned_batch, args.lr * 0.3, "wm-align")
     wm.eval().requires_grad_(False)
@@ -458,8 +474,10 @@ def main(args: Args):
     # -- 3. reward model: clips of real and autoencoded frames, threshold on validation episodes --
     reward = wmpo.RewardModel(args.reward).to(args.device)
     reward = train_loop(reward, "reward", args, args.reward_steps,
-                        lambda: reward.loss(*clip_batch(train_eps, codec, args.reward.clip, args.batch_size, args.device)), args.lr, "reward")
+                        lambda net: net(*clip_batch(train_eps, codec, args.reward.clip, B, args.device)), args.lr, "reward")
     reward.eval().requires_grad_(False)
+    if rank > 0:  # the threshold, the report and every file are rank 0's
+        return
     p_val = reward_probs(reward, [e["frames"] for e in sets["val"]], [e["instruction"] for e in sets["val"]], args.device)
     reward.cfg.threshold = choose_threshold(p_val, np.array([bool(e["success"][-1]) for e in sets["val"]]))
     wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), args.reward_steps)

@@ -604,8 +604,11 @@ class RewardModel(nn.Module):
         text_t = repeat(text, "b d -> b t d", t=windows.shape[1])
         return self.head(torch.cat([windows, text_t], -1))[..., 0]
 
-    def forward(self, frames, words):
-        """Success probability of the clip ending at each frame: (b, t). Called as reward(frames, words)."""
+    def forward(self, frames, words, labels=None):
+        """Success probability of the clip ending at each frame: (b, t). Called as reward(frames, words).
+        With labels, the training loss instead (so DistributedDataParallel, which hooks forward, can wrap it)."""
+        if labels is not None:
+            return self.loss(frames, words, labels)
         return self.clip_logits(frames, words).sigmoid()
 
     def loss(self, frames, words, labels):
@@ -695,6 +698,7 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
                                 cfg.clip_low, cfg.clip_high, agg=cfg.agg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             opt.step()
             logs["grpo/loss"].append(loss.item())

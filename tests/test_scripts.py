@@ -116,3 +116,27 @@ def test_recovery_detector_on_hand_made_traces():
     ]
     s = ev.summarize(eps, setback_m=0.02)
     assert s["recovery_rate"] == 0.5 and abs(s["setback_rate"] - 2 / 3) < 1e-9
+
+
+def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
+    # the same scripts under torchrun (gloo on CPU): rank 0 alone writes files, the run ends cleanly on both ranks
+    import shutil
+
+    d = str(tmp_path / "ddp")
+    shutil.copytree(run_dir, d)
+    for f in os.listdir(d):
+        if f.startswith(("codec", "wm", "reward", "train_wm", "policy_wmpo")):
+            os.remove(os.path.join(d, f))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544"]
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    wm_args = ["train_wm.py", "--run-dir", d, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
+               "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
+               "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
+               "--wm.d", "32", "--wm.n-layer", "1", "--wm.n-head", "2", "--codec.width", "8", "--reward.width", "8"]
+    for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2", "--init-states", "4",
+                           "--grpo.states-per-task", "1", "--grpo.group-size", "2"]):
+        out = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(l) for l in open(os.path.join(d, "wmpo.metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1]  # one row per iteration: only rank 0 logs
+    assert os.path.exists(os.path.join(d, "wm_report.json")) and os.path.exists(os.path.join(d, "policy_wmpo.safetensors"))
