@@ -3,10 +3,21 @@
     python eval.py --checkpoints policy_sft policy_wmpo --episodes 500                 # greedy
     python eval.py --checkpoints policy_sft policy_wmpo --episodes 500 --temperatures 0 1.6
 
+    python eval.py --checkpoints policy_sft policy_grpo_real policy_wmpo --suite generalisation --episodes 500
+
 Writes into the run folder: eval.json (per checkpoint, task: success rate, 95% Wilson interval, episodes, mean
-length of successful episodes), eval.md (the checkpoints side by side) and videos/<checkpoint>-<task>.gif (a few
-episodes, border green on success, red on failure). Evaluation seeds (envs.seeds("eval", ...)) are disjoint from
-every seed used for demos, rollouts and training. A temperature T > 0 is reported under "<checkpoint>@T<T>".
+length of successful episodes, recovery rate; merged with what an earlier evaluation wrote there), eval.md (the
+checkpoints side by side) and videos/<checkpoint>-<task>.gif (a few episodes, border green on success, red on
+failure) plus videos/recoveries-<checkpoint>-<task>.gif (the successful episodes with the largest setbacks).
+Evaluation seeds (envs.seeds("eval", ...)) are disjoint from every seed used for demos, rollouts and training.
+A temperature T > 0 is reported under "<checkpoint>@T<T>".
+
+--suite generalisation evaluates on the perturbed variants of the tasks (envs.SHIFTS: the pusher starts outside
+the training range, a brown table, checkered objects), never used for training, and writes the paper's Table 2
+layout (checkpoint x shift, mean over tasks) to eval.json["generalisation"] and eval_generalisation.md.
+Self-correction: an episode has a setback when the summed distance of the instructed objects to their goals rises
+--setback-cm above its best so far (a block knocked off line or off its pad, an overshoot); the recovery rate is
+the share of successful episodes that had one.
 """
 
 import json
@@ -173,13 +184,24 @@ def main(args: Args):
             rates = [results[key][t]["success_rate"] for t in args.tasks]
             results[key]["mean"] = {"success_rate": float(np.mean(rates)), "episodes": args.episodes * len(args.tasks)}
     md = markdown(results, list(args.tasks))
+    # merged into <out>.json: evaluations of other checkpoints, tasks or suites already there are kept
+    path = os.path.join(args.run_dir, f"{args.out}.json")
+    try:
+        merged = json.load(open(path)) if os.path.exists(path) else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a new one") from e
     if args.suite == "generalisation":
         table, md_table = generalisation_table(results, base_tasks)
-        results = {"generalisation": table, **results}
+        merged["generalisation"] = {**merged.get("generalisation", {}), **table}
         md = md_table + "\n" + md
-    data = json.dumps(results, indent=2)
-    wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.json"), lambda tmp: open(tmp, "w").write(data))
-    wmpo.atomic_write(os.path.join(args.run_dir, f"{args.out}.md"), lambda tmp: open(tmp, "w").write(md))
+        for res in results.values():
+            res["mean_generalisation"] = res.pop("mean")  # the tasks suite's "mean" is the unshifted tasks' mean
+    for key, res in results.items():
+        merged.setdefault(key, {}).update(res)
+    data = json.dumps(merged, indent=2)
+    wmpo.atomic_write(path, lambda tmp: open(tmp, "w").write(data))
+    md_name = args.out if args.suite == "tasks" else f"{args.out}_generalisation"
+    wmpo.atomic_write(os.path.join(args.run_dir, f"{md_name}.md"), lambda tmp: open(tmp, "w").write(md))
     print(md)
 
 

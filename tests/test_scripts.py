@@ -140,3 +140,16 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(d, "wmpo.metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1]  # one row per iteration: only rank 0 logs
     assert os.path.exists(os.path.join(d, "wm_report.json")) and os.path.exists(os.path.join(d, "policy_wmpo.safetensors"))
+
+
+def test_eval_generalisation_suite_writes_the_table(run_dir):
+    run("eval.py", "--run-dir", run_dir, "--suite", "generalisation", "--episodes", "2", "--tasks", "wmpo/Reach-v0",
+        "--videos", "0")
+    res = json.load(open(os.path.join(run_dir, "eval.json")))
+    row = res["generalisation"]["policy_sft"]
+    assert set(row) == {"Position", "Background", "Texture", "mean"}
+    for s in ["Position", "Background", "Texture"]:
+        r = res["policy_sft"][f"wmpo/Reach-{s}-v0"]
+        assert r["episodes"] == 2 and row[s] == r["success_rate"] and 0 <= r["recovery_rate"] <= 1
+    assert "wmpo/PushCube-v0" in res["policy_sft"]  # the earlier tasks-suite evaluation is kept
+    assert os.path.exists(os.path.join(run_dir, "eval_generalisation.md"))
