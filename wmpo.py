@@ -855,43 +855,38 @@ def dist_init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over ranks (the tensor itself in a single process)."""
+def distributed() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (the tensor itself in a single process)."""
+    if distributed():
         x = x.clone()
-        dist.all_reduce(x)
+        torch.distributed.all_reduce(x)
     return x
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if distributed():
+        torch.distributed.barrier()
 
 
 def wrap_ddp(model: nn.Module) -> nn.Module:
     """DistributedDataParallel around `model` when running under torchrun, else the model itself."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return model
-    return nn.parallel.DistributedDataParallel(model)
+    return nn.parallel.DistributedDataParallel(model) if distributed() else model
 
 
 def mean_grads(model: nn.Module) -> None:
     """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return
-    world = dist.get_world_size()
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= torch.distributed.get_world_size()
 
 
 def require(path: str, command: str) -> str:
