@@ -117,15 +117,21 @@ def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: 
     return envs.collect(task, fn, envs.seeds("eval", task, n), num_envs=num_envs, desc=f"eval {task} T={temperature}")
 
 
-def generalisation_table(results: dict, tasks: list[str]) -> tuple[dict, str]:
+def generalisation_table(results: dict, tasks: list[str]) -> dict:
     """The paper's Table 2 layout: a row per checkpoint, a column per shift (mean over tasks) and their mean."""
-    table, lines = {}, ["| checkpoint | " + " | ".join(envs.SHIFTS) + " | mean |", "|---|" + "---|" * (len(envs.SHIFTS) + 1)]
+    table = {}
     for name, res in results.items():
         row = {s: float(np.mean([res[t.replace("-v0", f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
         row["mean"] = float(np.mean(list(row.values())))
         table[name] = row
+    return table
+
+
+def generalisation_markdown(table: dict) -> str:
+    lines = ["| checkpoint | " + " | ".join(envs.SHIFTS) + " | mean |", "|---|" + "---|" * (len(envs.SHIFTS) + 1)]
+    for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1%}" for s in [*envs.SHIFTS, "mean"]) + " |")
-    return table, "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def recovery_gif(episodes: list[dict], path: str, n: int = 4) -> None:
@@ -191,9 +197,8 @@ def main(args: Args):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a new one") from e
     if args.suite == "generalisation":
-        table, md_table = generalisation_table(results, base_tasks)
-        merged["generalisation"] = {**merged.get("generalisation", {}), **table}
-        md = md_table + "\n" + md
+        merged["generalisation"] = {**merged.get("generalisation", {}), **generalisation_table(results, base_tasks)}
+        md = generalisation_markdown(merged["generalisation"]) + "\n" + md  # every checkpoint evaluated so far
         for res in results.values():
             res["mean_generalisation"] = res.pop("mean")  # the tasks suite's "mean" is the unshifted tasks' mean
     for key, res in results.items():
