@@ -14,7 +14,8 @@ A temperature T > 0 is reported under "<checkpoint>@T<T>".
 
 --suite generalisation evaluates on the perturbed variants of the tasks (envs.SHIFTS: the pusher starts outside
 the training range, a brown table, checkered objects), never used for training, and writes the paper's Table 2
-layout (checkpoint x shift, mean over tasks) to eval.json["generalisation"] and eval_generalisation.md.
+layout (checkpoint x shift, mean over tasks) to eval.json (keys "generalisation/<Shift>" and "generalisation/mean"
+under each checkpoint) and eval_generalisation.md.
 Self-correction: an episode has a setback when the summed distance of the instructed objects to their goals rises
 --setback-cm above its best so far (a block knocked off line or off its pad, an overshoot); the recovery rate is
 the share of successful episodes that had one.
@@ -117,20 +118,25 @@ def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: 
     return envs.collect(task, fn, envs.seeds("eval", task, n), num_envs=num_envs, desc=f"eval {task} T={temperature}")
 
 
-def generalisation_table(results: dict, tasks: list[str]) -> dict:
-    """The paper's Table 2 layout: a row per checkpoint, a column per shift (mean over tasks) and their mean."""
-    table = {}
+def generalisation_rows(results: dict, tasks: list[str], episodes: int) -> dict:
+    """The paper's Table 2 layout, stored per checkpoint beside its tasks (every top-level key stays a checkpoint):
+    "generalisation/<Shift>" = success over the tasks' variants with that shift, "generalisation/mean" = over all."""
+    out = {}
     for name, res in results.items():
         row = {s: float(np.mean([res[t.replace("-v0", f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
         row["mean"] = float(np.mean(list(row.values())))
-        table[name] = row
-    return table
+        n = {s: episodes * len(tasks) for s in envs.SHIFTS} | {"mean": episodes * len(tasks) * len(envs.SHIFTS)}
+        out[name] = {f"generalisation/{s}": {"success_rate": v, "episodes": n[s]} for s, v in row.items()}
+    return out
 
 
-def generalisation_markdown(table: dict) -> str:
-    lines = ["| checkpoint | " + " | ".join(envs.SHIFTS) + " | mean |", "|---|" + "---|" * (len(envs.SHIFTS) + 1)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1%}" for s in [*envs.SHIFTS, "mean"]) + " |")
+def generalisation_markdown(merged: dict) -> str:
+    """Every checkpoint in eval.json with a generalisation row: checkpoint x shift."""
+    cols = [*envs.SHIFTS, "mean"]
+    lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, res in merged.items():
+        if "generalisation/mean" in res:
+            lines.append(f"| {name} | " + " | ".join(f"{res[f'generalisation/{c}']['success_rate']:.1%}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,12 +203,13 @@ def main(args: Args):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a new one") from e
     if args.suite == "generalisation":
-        merged["generalisation"] = {**merged.get("generalisation", {}), **generalisation_table(results, base_tasks)}
-        md = generalisation_markdown(merged["generalisation"]) + "\n" + md  # every checkpoint evaluated so far
-        for res in results.values():
-            res["mean_generalisation"] = res.pop("mean")  # the tasks suite's "mean" is the unshifted tasks' mean
+        for key, rows in generalisation_rows(results, base_tasks, args.episodes).items():
+            del results[key]["mean"]  # "mean" stays the unshifted tasks' mean (the tasks suite's)
+            results[key].update(rows)
     for key, res in results.items():
         merged.setdefault(key, {}).update(res)
+    if args.suite == "generalisation":
+        md = generalisation_markdown(merged) + "\n" + md  # every checkpoint evaluated so far
     data = json.dumps(merged, indent=2)
     wmpo.atomic_write(path, lambda tmp: open(tmp, "w").write(data))
     md_name = args.out if args.suite == "tasks" else f"{args.out}_generalisation"
