@@ -457,7 +457,8 @@ def main(args: Args):
     C, K = args.wm.context, args.wm.chunk
     if args.wm.residual_scale == 1.0:  # measure it: 1 / std of 8-frame residuals against the last context frame
         zb, _ = window_batch(z_all, a_all, C, K, 256)
-        args.wm.residual_scale = float(1.0 / (zb[:, C:] - zb[:, C - 1 : C]).std().clamp(min=1e-3))
+        scale = 1.0 / (zb[:, C:] - zb[:, C - 1 : C]).std().clamp(min=1e-3)
+        args.wm.residual_scale = float(wmpo.all_sum(scale) / world)  # one value on every rank: it is in the config
         print(f"world-model residual scale {args.wm.residual_scale:.2f}")
     wm = wmpo.WorldModel(args.wm).to(args.device)
     wm = train_loop(wm, "wm_pretrain", args, args.wm_steps, lambda net: net(*window_batch(z_all, a_all, C, K, B)),
