@@ -437,18 +437,26 @@ for _name, _cls in [("Reach", Reach), ("PushCube", PushCube), ("PushTwo", PushTw
             gym.register(f"wmpo/{_name}-{_shift}-v0", entry_point=_var, max_episode_steps=None)
 
 
+@functools.lru_cache(maxsize=None)
+def object_layout(task: str) -> tuple[list[str], bool]:
+    """(object_pos row names, whether the task has blocks), built once per task: an env compiles its MuJoCo model."""
+    env = make(task).unwrapped
+    out = (list(env.object_names), bool(env.blocks))
+    env.close()
+    return out
+
+
 def goal_distance(task: str, instruction: str, object_pos: np.ndarray) -> np.ndarray:
     """Summed distance (m) of each object the instruction names to its goal pad, per step: (T, objects, 2) -> (T,).
 
     Every template names colours in the order object, pad (, object, pad): Reach (pusher, pad), PushCube (block,
     pad), PushTwo (block, pad, block, pad). Used to find setbacks (an object moving away from its goal) in episodes."""
-    env = make(task).unwrapped
-    names, cols = env.object_names, [w for w in instruction.replace(",", " ").split() if w in COLORS]
-    if not env.blocks:  # Reach: the pusher is the object
+    names, has_blocks = object_layout(task)
+    cols = [w for w in instruction.replace(",", " ").split() if w in COLORS]
+    if not has_blocks:  # Reach: the pusher is the object
         cols = ["white"] + cols
     pairs = [(names.index("pusher" if o == "white" else f"block_{o}"), names.index(f"pad_{p}"))
              for o, p in zip(cols[::2], cols[1::2])]
-    env.close()
     return sum(np.linalg.norm(object_pos[:, i] - object_pos[:, j], axis=-1) for i, j in pairs)
 
 
