@@ -152,8 +152,11 @@ class TabletopEnv(gym.Env):
     horizon = 50
     shift: str | None = None  # one of SHIFTS in the perturbed variants (wmpo/<Task>-<Shift>-v0), never in training
 
-    def __init__(self, render_mode: str | None = "rgb_array"):
+    def __init__(self, render_mode: str | None = "rgb_array", full_horizon: bool = False):
         self.render_mode = render_mode
+        # full_horizon: never terminate on success, run to the horizon (success = at any step). Imagined rollouts
+        # run that way, so the held-out episodes that measure the world model do too.
+        self.full_horizon = full_horizon
         self.model = mujoco.MjModel.from_xml_string(scene_xml(self.blocks, self.pads, self.shift))
         self.data = mujoco.MjData(self.model)
         self.renderer = None  # created lazily: a vector env's parent process never renders
@@ -206,7 +209,7 @@ class TabletopEnv(gym.Env):
         mujoco.mj_step(self.model, self.data, nstep=SUBSTEPS)
         self.t += 1
         info = self.info()
-        terminated = bool(info["success"])
+        terminated = bool(info["success"]) and not self.full_horizon
         truncated = self.t >= self.horizon and not terminated
         return self.render(), float(terminated), terminated, truncated, info
 
@@ -419,7 +422,7 @@ def base_task(task: str) -> str:
 
 # Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
 SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000, "wmpo": 400_000,
-             "grpo_real": 500_000, "eval": 1_000_000}
+             "grpo_real": 500_000, "val": 600_000, "eval": 1_000_000}
 
 
 def seeds(purpose: str, task: str, n: int, start: int = 0) -> list[int]:
@@ -446,17 +449,23 @@ def object_layout(task: str) -> tuple[list[str], bool]:
     return out
 
 
-def goal_distance(task: str, instruction: str, object_pos: np.ndarray) -> np.ndarray:
-    """Summed distance (m) of each object the instruction names to its goal pad, per step: (T, objects, 2) -> (T,).
+def goal_pairs(task: str, instruction: str) -> list[tuple[str, str]]:
+    """The (object, pad) names the instruction asks for, as object_pos row names: [("block_red", "pad_green")].
 
     Every template names colours in the order object, pad (, object, pad): Reach (pusher, pad), PushCube (block,
-    pad), PushTwo (block, pad, block, pad). Used to find setbacks (an object moving away from its goal) in episodes."""
-    names, has_blocks = object_layout(task)
+    pad), PushTwo (block, pad, block, pad). Success is every pair within SUCCESS_R at once."""
+    _, has_blocks = object_layout(task)
     cols = [w for w in instruction.replace(",", " ").split() if w in COLORS]
     if not has_blocks:  # Reach: the pusher is the object
         cols = ["white"] + cols
-    pairs = [(names.index("pusher" if o == "white" else f"block_{o}"), names.index(f"pad_{p}"))
-             for o, p in zip(cols[::2], cols[1::2])]
+    return [("pusher" if o == "white" else f"block_{o}", f"pad_{p}") for o, p in zip(cols[::2], cols[1::2])]
+
+
+def goal_distance(task: str, instruction: str, object_pos: np.ndarray) -> np.ndarray:
+    """Summed distance (m) of each object the instruction names to its goal pad, per step: (T, objects, 2) -> (T,).
+    Used to find setbacks (an object moving away from its goal) in episodes."""
+    names, _ = object_layout(task)
+    pairs = [(names.index(o), names.index(p)) for o, p in goal_pairs(task, instruction)]
     return sum(np.linalg.norm(object_pos[:, i] - object_pos[:, j], axis=-1) for i, j in pairs)
 
 
@@ -586,19 +595,21 @@ def expert_policy(noise: float = 0.0, seed: int = 0, dart: bool = False):
     return policy
 
 
-def make_env(task: str) -> gym.Env:
-    return gym.make(task)  # a module-level function pickles by reference: spawned workers import envs (registering ids)
+def make_env(task: str, **kwargs) -> gym.Env:
+    return gym.make(task, **kwargs)  # a module-level function pickles by reference: spawned workers import envs (registering ids)
 
 
-def make_vec(task: str, n: int, asynchronous: bool = False) -> gym.vector.VectorEnv:
+def make_vec(task: str, n: int, asynchronous: bool = False, **kwargs) -> gym.vector.VectorEnv:
     make(task).close()  # validates the id before any worker starts
-    fns = [functools.partial(make_env, task) for _ in range(n)]
+    fns = [functools.partial(make_env, task, **kwargs) for _ in range(n)]
     return gym.vector.AsyncVectorEnv(fns, context="spawn") if asynchronous else gym.vector.SyncVectorEnv(fns)
 
 
-def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronous: bool = False, desc: str = ""):
-    """Run `policy` for one episode per seed in `num_envs` vectorised envs; return the episodes (see storage)."""
-    venv = make_vec(task, min(num_envs, len(seeds)), asynchronous)
+def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronous: bool = False, desc: str = "",
+            full_horizon: bool = False):
+    """Run `policy` for one episode per seed in `num_envs` vectorised envs; return the episodes (see storage).
+    full_horizon: episodes run to the task's horizon even after a success (then success[t] may come and go)."""
+    venv = make_vec(task, min(num_envs, len(seeds)), asynchronous, full_horizon=full_horizon)
     episodes = []
     bar = tqdm(total=len(seeds), desc=desc or f"collect {task}", leave=False)
     for start in range(0, len(seeds), venv.num_envs):

@@ -224,16 +224,24 @@ def policy_fn(policy: VLA, temperature: float, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. frame codec: 64x64x3 pixels <-> 8x8 grid of `latent_ch` channels (the paper's per-frame 2D VAE, as an AE)
+# 2. frame codec: 64x64x3 pixels <-> a 16x16 grid of `latent_ch` channels (the paper's per-frame 2D VAE, as an AE)
+#
+# 16x16 cells of 4x4 px: the ~5 px pusher and ~6 px blocks span one or two cells, and a step moves the pusher by at
+# most ~1 cell, so "move this blob by the action" is a local operation that convolutions learn. (The first world
+# model used 8x8 cells of 8 px with 2x2-cell tokens, i.e. 16x16 px per token, and came out action-blind.)
 
 
 @dataclass
 class CodecConfig:
     width: int = 32
-    latent_ch: int = 16  # latent grid (latent_ch, 8, 8): 1,024 numbers per 12,288-value frame
-    object_weight: float = 10.0  # extra reconstruction weight on non-table pixels: small objects must not wash out
-    latent_noise: float = 0.05  # noise on latents in training: the decoder must tolerate imperfect predictions
-    table_rgb: tuple[float, float, float] = (-0.5, -0.5, -0.5)  # table colour in [-1, 1], measured from data
+    """conv channels at 32x32 (2x at 16x16)"""
+    latent_ch: int = 8
+    """latent grid (latent_ch, 16, 16): 2,048 numbers per 12,288-value frame"""
+    object_weight: float = 20.0
+    """extra reconstruction weight on non-table pixels: 5 px objects must not wash out"""
+    latent_noise: float = 0.05
+    """noise on latents in training: the decoder must tolerate imperfect predictions"""
+    table_rgb: tuple[float, float, float] = (-0.5, -0.5, -0.5)  # derived: table colour in [-1, 1], measured from data
 
 
 class FrameCodec(nn.Module):
@@ -243,25 +251,27 @@ class FrameCodec(nn.Module):
         w, z = cfg.width, cfg.latent_ch
         self.enc = nn.Sequential(
             nn.Conv2d(3, w, 4, 2, 1), nn.GELU(),  # 32x32
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GELU(),  # 16x16
-            nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.GELU(),  # 8x8
+            nn.Conv2d(w, 2 * w, 3, 1, 1), nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.GELU(),  # 16x16
             nn.Conv2d(2 * w, z, 3, 1, 1),
         )  # fmt: skip
         self.dec = nn.Sequential(
             nn.Conv2d(z, 2 * w, 3, 1, 1), nn.GELU(),
-            nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1), nn.GELU(),  # 16x16
+            nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.GELU(),
             nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.GELU(),  # 32x32
+            nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
             nn.ConvTranspose2d(w, 3, 4, 2, 1),  # 64x64
         )  # fmt: skip
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., h, w, c) -> latents (..., z, 8, 8) in [-1, 1] (tanh keeps the flow model's scale fixed)."""
+        """uint8 (..., h, w, c) -> latents (..., z, 16, 16) in [-1, 1] (tanh: the dynamics' residuals stay bounded)."""
         lead = frames.shape[:-3]
         x = frames_to_model(frames.reshape(-1, *frames.shape[-3:]))
-        return torch.tanh(self.enc(x)).reshape(*lead, self.cfg.latent_ch, 8, 8)
+        z = torch.tanh(self.enc(x))
+        return z.reshape(*lead, *z.shape[1:])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (..., z, 8, 8) -> float pixels (..., 3, 64, 64) in [-1, 1]."""
+        """latents (..., z, 16, 16) -> float pixels (..., 3, 64, 64) in [-1, 1]."""
         lead = latents.shape[:-3]
         return self.dec(latents.reshape(-1, *latents.shape[-3:])).reshape(*lead, 3, 64, 64)
 
@@ -283,200 +293,226 @@ class FrameCodec(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. world model: rectified flow over latent frame tokens, frame-causal attention, per-frame AdaLN actions
+# 3. world model: deterministic next-latent dynamics on the 16x16 grid, actions in every block, frames seeing each
+#    other through frame-causal attention over 8x8 tokens (kernels/frame_attention.py), unrolled in training
+#
+# Why this design (measured, README "World model" and ../shared/notes/world-model.md): a flow DiT over 16 coarse
+# tokens per frame with actions only in AdaLN ignored its actions; a conv net on a 16x16 latent with the actions
+# tiled as input channels and as FiLM in every block follows them to ~1 px over 40 steps. Contact (a pushed block)
+# is the hard part: the block's motion depends on where the pusher was over the last frames, which the attention
+# over earlier frames and the previous latent (a motion channel) supply.
 
 
 @dataclass
 class WorldModelConfig:
-    latent_ch: int = 16
-    grid: int = 8  # latent grid side
-    patch: int = 2  # latent patch per token: (8 / 2)^2 = 16 tokens per frame
-    context: int = 4  # context frames (the paper's 4)
-    chunk: int = 8  # frames predicted per call, one per action (the paper's 8)
+    latent_ch: int = 8
+    """channels of the codec's 16x16 latent"""
+    context: int = 4
+    """real context frames before a chunk (the paper's 4)"""
+    chunk: int = 8
+    """frames generated per step() call, one per action (the paper's 8)"""
     action_dim: int = 2
-    d: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    ctx_noise: float = 0.05  # noisy-context level in training (paper 50/1000; its code 15/1000)
-    residual_scale: float = 1.0  # residual targets are multiplied by this (train_wm sets ~1/std of the residuals):
-    # frame-to-frame residuals are ~0.1 in size, so unscaled they vanish under unit noise at all but t ~ 1
-    sample_steps: int = 4  # Euler steps of the rectified-flow sampler
+    history: int = 4
+    """actions tiled per frame: its own and the previous history-1 (the pusher lags its set-point)"""
+    width: int = 48
+    """conv channels at 16x16"""
+    d: int = 96
+    """channels at 8x8 = the attention token width"""
+    n_res: int = 1
+    """ResBlocks at each level (16x16 down, 8x8, 16x16 up)"""
+    n_layer: int = 2
+    """frame-causal attention blocks over the 8x8 tokens of all frames so far"""
+    n_head: int = 3
+    """attention heads (head dim d / n_head must be 16, 32, 64 or 128: the kernel's constraint)"""
+    ctx_noise: float = 0.05
+    """Gaussian noise on input latents in training: generated context is never exactly on the data manifold"""
+    max_residual: float = 1.0
+    """the next latent is the input latent plus a residual clamped to +-max_residual (stable long unrolls)"""
+    motion_weight: float = 5.0
+    """extra loss weight on latent cells that change (moving pixels are ~1% of a frame: copy is a deep minimum)"""
 
     @property
     def frame_tokens(self) -> int:
-        return (self.grid // self.patch) ** 2
+        return 64  # 8x8 tokens per frame at the attention level
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of flow times in [0, 1]. t: (...,) -> (..., dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
-    args = t[..., None].float() * 1000.0 * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv (input + tiled actions) -> FiLM(actions) -> GroupNorm -> SiLU -> conv, residual.
+    The actions enter twice on purpose: as channels (a local "move by this" signal every conv sees) and as a
+    modulation with its own projection (a global gain); main's AdaLN-only path was not enough."""
+
+    def __init__(self, ch: int, act_ch: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, ch)
+        self.conv1 = nn.Conv2d(ch + act_ch, ch, 3, padding=1)
+        self.film = nn.Linear(act_ch, 2 * ch)
+        self.norm2 = nn.GroupNorm(8, ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, act):  # x (n, ch, h, w), act (n, f) the frame's action features
+        tiles = repeat(act, "n f -> n f h w", h=x.shape[2], w=x.shape[3])
+        h = self.conv1(torch.cat([F.silu(self.norm1(x)), tiles], 1))
+        gamma, beta = rearrange(self.film(act), "n (two c) -> two n c 1 1", two=2)
+        h = h * (1 + gamma) + beta
+        return x + self.conv2(F.silu(self.norm2(h)))
 
 
-class DiTBlock(nn.Module):
-    """Pre-LN transformer block with AdaLN-zero modulation from a per-token condition (its frame's action + time)."""
+class AttnBlock(nn.Module):
+    """Pre-LN transformer block over the 8x8 tokens of every frame; a token of frame t sees frames 0..t."""
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
         d = cfg.d
         self.n_head = cfg.n_head
-        self.frame_len = cfg.frame_tokens
-        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.ada = nn.Linear(d, 6 * d)
-        nn.init.zeros_(self.ada.weight)  # AdaLN-zero: every block starts as the identity
-        nn.init.zeros_(self.ada.bias)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.mlp[2].weight)
 
-    def forward(self, x, cond, cache=None, q_frame_offset=0):
-        """x (b, t*n, d) tokens, cond (b, t, d) one condition per frame (modulation is shared by a frame's tokens).
-        cache: (k, v) of earlier frames, (b, heads, n_ctx, d_head), or None.
+    def forward(self, x, cache=None):
+        """x (b, t*n, d) tokens of t new frames; cache (k, v) of the frames before them or None.
+        Returns (x, (k, v)) with the keys/values of all frames so far."""
+        from kernels.frame_attention import frame_attention, frame_attention_rollout, frame_attention_rollout_ref
 
-        Returns (x, (k, v)) with this call's keys/values, so a caller can cache the context's.
-        """
-        from kernels.frame_attention import frame_attention, frame_attention_rollout
-
-        t = cond.shape[1]
-        mods = rearrange(self.ada(F.silu(cond)), "b t d -> b t 1 d").chunk(6, dim=-1)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mods  # each (b, t, 1, d)
-
-        def modulate(h, shift, scale):  # (b, t*n, d) -> per-frame affine
-            return rearrange(rearrange(h, "b (t n) d -> b t n d", t=t) * (1 + scale) + shift, "b t n d -> b (t n) d")
-
-        def gated(h, gate):
-            return rearrange(rearrange(h, "b (t n) d -> b t n d", t=t) * gate, "b t n d -> b (t n) d")
-
-        h = modulate(self.ln1(x), shift1, scale1)
-        q, k, v = rearrange(self.qkv(h), "b n (three nh dh) -> three b nh n dh", three=3, nh=self.n_head)
-        if cache is None:
-            a = frame_attention(q, k, v, self.frame_len)  # a token of frame t sees frames 0..t
-        else:
-            k_all, v_all = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            a = frame_attention_rollout(q, k_all, v_all, self.frame_len, q_frame_offset)
-        x = x + gated(self.proj(rearrange(a, "b nh n dh -> b n (nh dh)")), gate1)
-        x = x + gated(self.mlp(modulate(self.ln2(x), shift2, scale2)), gate2)
+        q, k, v = rearrange(self.qkv(self.ln1(x)), "b n (three nh dh) -> three b nh n dh", three=3, nh=self.n_head)
+        if cache is None:  # training / context: one pass over all frames, the kernel with its backward
+            a = frame_attention(q, k, v, 64)
+        else:  # generation: new frames against the cache + themselves
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            offset = cache[0].shape[2] // 64
+            # the rollout kernel is forward-only; an unrolled training step (grads on) takes the reference
+            rollout = frame_attention_rollout if not torch.is_grad_enabled() else frame_attention_rollout_ref
+            a = rollout(q, k, v, 64, offset)
+        x = x + self.proj(rearrange(a, "b nh n dh -> b n (nh dh)"))
+        x = x + self.mlp(self.ln2(x))
         return x, (k, v)
 
 
 class WorldModel(nn.Module):
-    """p(next K latent frames | 4 context latents, K actions), sampled by rectified flow.
+    """z_{t+1} = z_t + clamp(f(z_<=t, a_<=t)): the next 16x16 latent from every frame so far and its actions.
 
-    Targets are residuals against the last context frame (most pixels do not move), the flow interpolates
-    x_t = t * x1 + (1 - t) * noise with velocity target x1 - noise, and context latents are noised to
-    `ctx_noise` in training (with that noise level as their time embedding) so that imperfect generated context
-    does not derail long rollouts. Context frames carry a learned "no action" embedding.
+    Per frame (convs, no time mixing): [z_t, z_t - z_{t-1}, tiled actions] -> ResBlocks at 16x16 -> stride-2 conv
+    -> ResBlocks at 8x8. Across frames: frame-causal attention over the 8x8 tokens (64 per frame). Back per frame:
+    upsample, concat the 16x16 skip, ResBlocks -> residual. Deterministic: the loss is a motion-weighted MSE, first
+    teacher-forced over a whole window (one parallel pass), then unrolled on its own predictions (`unroll`), which
+    is what the model faces in imagination.
     """
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, p = cfg.d, cfg.patch
-        tok_dim = cfg.latent_ch * p * p
-        self.inp = nn.Linear(tok_dim, d)
-        self.pos_space = nn.Parameter(torch.zeros(cfg.frame_tokens, d))
-        self.pos_time = nn.Parameter(torch.zeros(cfg.context + cfg.chunk, d))
-        nn.init.normal_(self.pos_space, std=0.02)
-        nn.init.normal_(self.pos_time, std=0.02)
-        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.action_mlp = nn.Sequential(nn.Linear(2 * cfg.action_dim, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
-        self.no_action = nn.Parameter(torch.zeros(d))
-        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
-        self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
-        self.ada_out = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, tok_dim)
-        nn.init.zeros_(self.ada_out.weight)
-        nn.init.zeros_(self.ada_out.bias)
-        nn.init.zeros_(self.out.weight)
+        c, w, d, f = cfg.latent_ch, cfg.width, cfg.d, cfg.history * cfg.action_dim
+        self.act_mlp = nn.Sequential(nn.Linear(f, 64), nn.SiLU(), nn.Linear(64, f))
+        self.stem = nn.Conv2d(2 * c + f, w, 3, padding=1)
+        self.down_res = nn.ModuleList([ResBlock(w, f) for _ in range(cfg.n_res)])
+        self.down = nn.Conv2d(w, d, 4, 2, 1)  # 16x16 -> 8x8
+        self.mid_res = nn.ModuleList([ResBlock(d, f) for _ in range(cfg.n_res)])
+        self.pos_space = nn.Parameter(0.02 * torch.randn(cfg.frame_tokens, d))
+        self.pos_time = nn.Parameter(0.02 * torch.randn(cfg.context + cfg.chunk, d))
+        self.act_tok = nn.Linear(f, d)
+        self.blocks = nn.ModuleList([AttnBlock(cfg) for _ in range(cfg.n_layer)])
+        self.up = nn.ConvTranspose2d(d, w, 4, 2, 1)  # 8x8 -> 16x16
+        self.merge = nn.Conv2d(2 * w + f, w, 3, padding=1)
+        self.up_res = nn.ModuleList([ResBlock(w, f) for _ in range(cfg.n_res)])
+        self.out = nn.Conv2d(w, c, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # starts as copy-the-last-frame; the actions must earn every change
         nn.init.zeros_(self.out.bias)
 
-    # -- tokens <-> latents --
-    def to_tokens(self, z):  # (b, t, c, h, w) -> (b, t*n, d_tok)
-        p = self.cfg.patch
-        return rearrange(z, "b t c (h p1) (w p2) -> b (t h w) (c p1 p2)", p1=p, p2=p)
+    def action_features(self, actions: torch.Tensor) -> torch.Tensor:
+        """(b, t, a) the action taken at each frame -> (b, t, history*a): it and the previous history-1 (0 before)."""
+        past = [F.pad(actions, (0, 0, i, 0))[:, : actions.shape[1]] for i in range(self.cfg.history)]
+        return torch.cat(past, -1)
 
-    def from_tokens(self, x, t):  # (b, t*n, d_tok) -> (b, t, c, h, w)
-        p, g = self.cfg.patch, self.cfg.grid // self.cfg.patch
-        return rearrange(x, "b (t h w) (c p1 p2) -> b t c (h p1) (w p2)", t=t, h=g, w=g, p1=p, p2=p)
-
-    def frame_cond(self, flow_t, actions):
-        """Per-frame condition: time embedding + action embedding (or "no action"). (b, t), (b, t, a) | None.
-
-        Frame j of a chunk gets its own action and the running sum of the chunk's actions up to it: the pusher's
-        displacement from the last context frame is (nearly) that sum, which a frame's own action alone does not say.
-        """
-        c = self.time_mlp(timestep_embedding(flow_t, self.cfg.d))
-        if actions is None:
-            return c + self.no_action
-        return c + self.action_mlp(torch.cat([actions, actions.cumsum(1) / actions.shape[1]], -1))
-
-    def embed(self, z, frame_offset):
+    def frames_in(self, z, z_prev, af, t0):
+        """Per-frame encoder. z, z_prev (b, t, c, h, w), af (b, t, f) -> tokens (b, t*64, d), skips (b*t, w, 16, 16)."""
         b, t = z.shape[:2]
-        x = self.inp(self.to_tokens(z))
-        pos = self.pos_time[frame_offset : frame_offset + t, None] + self.pos_space[None]  # (t, n, d)
-        return x + rearrange(pos, "t n d -> (t n) d")
+        af = rearrange(af, "b t f -> (b t) f")
+        emb = self.act_mlp(af) + af
+        tiles = repeat(af, "n f -> n f h w", h=z.shape[-2], w=z.shape[-1])
+        zf, zp = rearrange(z, "b t c h w -> (b t) c h w"), rearrange(z_prev, "b t c h w -> (b t) c h w")
+        h = self.stem(torch.cat([zf, zf - zp, tiles], 1))
+        for blk in self.down_res:
+            h = blk(h, emb)
+        skip = h
+        h = self.down(F.silu(h))
+        for blk in self.mid_res:
+            h = blk(h, emb)
+        tok = rearrange(h, "(b t) d h w -> b t (h w) d", b=b) + self.pos_space + self.pos_time[t0 : t0 + t, None]
+        tok = tok + rearrange(self.act_tok(emb), "(b t) d -> b t 1 d", b=b)
+        return rearrange(tok, "b t n d -> b (t n) d"), skip, emb
 
-    def velocity(self, z_ctx, x_t, flow_t, actions):
-        """Full-sequence pass (training). z_ctx (b, C, ...), x_t (b, K, ...), flow_t (b,), actions (b, K, a)."""
-        b, C = z_ctx.shape[:2]
-        K = x_t.shape[1]
-        n = self.cfg.frame_tokens
-        x = torch.cat([self.embed(z_ctx, 0), self.embed(x_t, C)], 1)  # (b, (C+K)*n, d)
-        ctx_t = torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device)
-        cond = torch.cat([self.frame_cond(ctx_t, None), self.frame_cond(flow_t[:, None].expand(b, K), actions)], 1)
-        for blk in self.blocks:
-            x, _ = blk(x, cond)
-        return self.head(x[:, C * n :], cond[:, C:])
+    def frames_out(self, tok, skip, emb, z, af):
+        """Per-frame decoder: tokens (b, t*64, d) + skips -> next latents (b, t, c, h, w)."""
+        b, t = z.shape[:2]
+        h = rearrange(tok, "b (t hh ww) d -> (b t) d hh ww", t=t, hh=8)
+        tiles = repeat(rearrange(af, "b t f -> (b t) f"), "n f -> n f h w", h=16, w=16)
+        h = self.merge(torch.cat([F.silu(self.up(h)), skip, tiles], 1))
+        for blk in self.up_res:
+            h = blk(h, emb)
+        res = self.out(F.silu(h)).clamp(-self.cfg.max_residual, self.cfg.max_residual)
+        return z + rearrange(res, "(b t) c h w -> b t c h w", b=b)
 
-    def head(self, x, cond):
-        """Final AdaLN + projection of the generated frames' tokens to velocities. x (b, K*n, d), cond (b, K, d)."""
-        K = cond.shape[1]
-        shift, scale = rearrange(self.ada_out(F.silu(cond)), "b t d -> b t 1 d").chunk(2, -1)
-        h = rearrange(self.ln_out(x), "b (t n) d -> b t n d", t=K) * (1 + scale) + shift
-        return self.from_tokens(self.out(rearrange(h, "b t n d -> b (t n) d")), K)
+    def next_latents(self, z, z_prev, af, caches=None, t0: int = 0):
+        """The prediction of frame t+1 for each given frame t. z (b, t, ...) the frames, z_prev their predecessors,
+        af (b, t, f) their action features; caches: per-layer (k, v) of the t0 frames before them, or None.
+        Returns (next latents (b, t, c, h, w), caches of all t0 + t frames)."""
+        tok, skip, emb = self.frames_in(z, z_prev, af, t0)
+        new_caches = []
+        for i, blk in enumerate(self.blocks):
+            tok, kv = blk(tok, None if caches is None else caches[i])
+            new_caches.append(kv)
+        return self.frames_out(tok, skip, emb, z, af), new_caches
 
-    def forward(self, z, actions):
-        """Rectified-flow loss. z: (b, C+K, c, h, w) clean latents; actions (b, K, a). Returns (loss, logs)."""
+    def unroll(self, z_ctx, ctx_actions, actions, z_real=None, reset_every: int = 0):
+        """Generate K latents after a context, each fed back as the next input (with the KV cache).
+
+        z_ctx (b, C, c, h, w); ctx_actions (b, C-1, a) the actions taken at the first C-1 context frames;
+        actions (b, K, a): actions[:, j] is taken at the frame before generated frame j. With z_real (b, K, ...) and
+        reset_every H > 0, every H-th input is the real frame instead (the unroll curriculum's H-step segments).
+        Returns (b, K, c, h, w)."""
+        C, K = z_ctx.shape[1], actions.shape[1]
+        af = self.action_features(torch.cat([ctx_actions, actions], 1))  # (b, C+K-1, f)
+        z_prev = torch.cat([z_ctx[:, :1], z_ctx[:, :-1]], 1)
+        nxt, caches = self.next_latents(z_ctx, z_prev, af[:, :C], None, 0)
+        preds, last = [nxt[:, -1:]], z_ctx[:, -1:]
+        for j in range(1, K):
+            inp = z_real[:, j - 1 : j] if (z_real is not None and reset_every > 0 and j % reset_every == 0) else preds[-1]
+            nxt, caches = self.next_latents(inp, last, af[:, C - 1 + j : C + j], caches, C + j - 1)
+            preds.append(nxt)
+            last = inp
+        return torch.cat(preds, 1)
+
+    def forward(self, z, actions, unroll: int = 0):
+        """Loss on a window. z (b, C+K, c, h, w) clean latents, actions (b, C+K, a): actions[:, i] taken at frame i
+        (the last is unused). unroll = 0: teacher forcing, one parallel pass predicting every frame from the real
+        ones before it. unroll = H > 0: the first C frames are real, the K after are generated from the model's own
+        predictions, reset to the real frame every H steps. Returns (loss, logs)."""
         C = self.cfg.context
-        z_ctx, z_fut = z[:, :C], z[:, C:]
-        x1 = (z_fut - z_ctx[:, -1:]) * self.cfg.residual_scale  # residual target, scaled to unit variance
-        noise_lvl = self.cfg.ctx_noise
-        z_ctx = (1 - noise_lvl) * z_ctx + noise_lvl * torch.randn_like(z_ctx)  # noisy-context conditioning
-        eps = torch.randn_like(x1)
-        t = torch.rand(z.shape[0], device=z.device)
-        x_t = t[:, None, None, None, None] * x1 + (1 - t[:, None, None, None, None]) * eps
-        v = self.velocity(z_ctx, x_t, t, actions)
-        loss = F.mse_loss(v, x1 - eps)
-        x1_hat = x_t + (1 - t[:, None, None, None, None]) * v  # one-step estimate, for a readable metric
-        return loss, {"wm/loss": loss.item(), "wm/x1_mse": F.mse_loss(x1_hat, x1).item()}
+        noisy = z + self.cfg.ctx_noise * torch.randn_like(z)  # generated context is never exact
+        if unroll <= 0:
+            af = self.action_features(actions[:, :-1])
+            z_prev = torch.cat([noisy[:, :1], noisy[:, :-2]], 1)
+            pred, _ = self.next_latents(noisy[:, :-1], z_prev, af)
+            target, base = z[:, 1:], z[:, :-1]
+        else:
+            pred = self.unroll(noisy[:, :C], actions[:, : C - 1], actions[:, C - 1 : -1], noisy[:, C:], unroll)
+            target, base = z[:, C:], z[:, C - 1 : -1]
+        # cells where the real frame changes (any channel) weigh motion_weight more: moving pixels are few
+        moving = ((target - base).abs().amax(2, keepdim=True) > 0.05).float()
+        err = (pred - target) ** 2
+        loss = ((1 + self.cfg.motion_weight * moving) * err).mean()
+        copy = ((base - target) ** 2).mean()
+        return loss, {"wm/loss": loss.item(), "wm/mse": err.mean().item(), "wm/mse_vs_copy": (err.mean() / copy.clamp(min=1e-8)).item()}
 
     @torch.no_grad()
-    def predict(self, z_ctx, actions, steps: int | None = None, generator=None):
-        """Sample the next K latents. The context's keys/values are computed once and reused by every Euler step."""
-        b, C = z_ctx.shape[:2]
-        K, n = actions.shape[1], self.cfg.frame_tokens
-        steps = steps or self.cfg.sample_steps
-        # -- context pass: cache per-layer keys/values (context never attends to the frames being generated) --
-        x = self.embed(z_ctx, 0)
-        ctx_cond = self.frame_cond(torch.full((b, C), 1.0 - self.cfg.ctx_noise, device=x.device), None)
-        caches = []
-        for blk in self.blocks:
-            x, kv = blk(x, ctx_cond)
-            caches.append(kv)
-        # -- Euler steps from noise (t = 0) to data (t = 1) --
-        xt = torch.randn(b, K, *z_ctx.shape[2:], device=z_ctx.device, generator=generator)
-        for i in range(steps):
-            t = torch.full((b,), i / steps, device=xt.device)
-            cond = self.frame_cond(t[:, None].expand(b, K), actions)
-            h = self.embed(xt, C)
-            for blk, kv in zip(self.blocks, caches):
-                h, _ = blk(h, cond, cache=kv, q_frame_offset=C)
-            v = self.head(h, cond)
-            xt = xt + v / steps
-        return z_ctx[:, -1:] + xt / self.cfg.residual_scale  # residual -> absolute latents
+    def predict(self, z_ctx, ctx_actions, actions):
+        """Sample = the deterministic unroll. Same arguments as `unroll`."""
+        return self.unroll(z_ctx, ctx_actions, actions)
 
 
 class WorldModelEnv:
@@ -484,25 +520,40 @@ class WorldModelEnv:
     step(action chunks (b, K, a)) -> frames uint8 (b, K, h, w, c). Generated frames are decoded, quantised to uint8
     (what the policy sees) and re-encoded as the next context, keeping the context on the codec's data manifold."""
 
-    def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu", steps: int | None = None):
-        self.wm, self.codec, self.device, self.steps = wm, codec, device, steps
+    def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu"):
+        self.wm, self.codec, self.device = wm, codec, device
+        self.chunk = wm.cfg.chunk
 
     @torch.no_grad()
     def reset(self, frames: torch.Tensor, instructions: list[str]):
-        """frames uint8 (b, h, w, c): real initial frames; the context starts as the first latent repeated 4x."""
+        """frames uint8 (b, h, w, c): real initial frames. The context is the first latent repeated C times with
+        zero actions: the pusher at rest, which is also how training windows are padded before an episode starts."""
         self.instructions = instructions
         z0 = self.codec.encode(frames.to(self.device))
-        self.ctx = repeat(z0, "b c h w -> b t c h w", t=self.wm.cfg.context).contiguous()
+        C = self.wm.cfg.context
+        self.ctx = repeat(z0, "b c h w -> b t c h w", t=C).contiguous()
+        self.ctx_actions = torch.zeros(len(frames), C - 1, self.wm.cfg.action_dim, device=self.device)
         return frames
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:
         """action chunks (b, K, a) -> the K imagined frames, uint8 (b, K, h, w, c)."""
-        z = self.wm.predict(self.ctx, actions.to(self.device).float(), self.steps)
+        actions = actions.to(self.device).float()
+        C = self.wm.cfg.context
+        z = self.wm.predict(self.ctx, self.ctx_actions, actions)
         frames = self.codec.to_uint8(self.codec.decode(z))  # (b, K, h, w, c)
         z_clean = self.codec.encode(frames)
-        self.ctx = torch.cat([self.ctx, z_clean], 1)[:, -self.wm.cfg.context :]
+        self.ctx = torch.cat([self.ctx, z_clean], 1)[:, -C:]
+        self.ctx_actions = torch.cat([self.ctx_actions, actions], 1)[:, -(C - 1) :]
         return frames
+
+
+def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
+    """The trained world model of a run folder as an env: reset(frames uint8 (b, 64, 64, 3), instructions), then
+    step(actions (b, K, 2)) -> imagined frames uint8 (b, K, 64, 64, 3)."""
+    codec = load(require(os.path.join(run_dir, "codec.safetensors"), f"python train_wm.py --run-dir {run_dir}"), device, expect="FrameCodec")
+    wm = load(require(os.path.join(run_dir, "wm.safetensors"), f"python train_wm.py --run-dir {run_dir}"), device, expect="WorldModel")
+    return WorldModelEnv(wm.eval(), codec.eval(), device)
 
 
 class RealChunkEnv:
