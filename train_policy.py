@@ -196,8 +196,6 @@ class WMPOArgs:
     """GRPO iterations (-1: preset); grpo-real stops earlier when the real budget is spent"""
     init_states: int = 512
     """pool of real initial frames per task (training seeds, never evaluation seeds)"""
-    sample_steps: int = -1
-    """Euler steps of the world model's sampler during imagination (-1: the world model's own)"""
     rounds: int = 1
     """lifelong rounds: after each, collect --budget new real rollouts of the current policy, refresh the world and
     reward models on all real data so far, run WMPO again (1 = plain WMPO)"""
@@ -255,32 +253,36 @@ class TaskWorld:
             idx = torch.randint(len(self.pool_frames), (B,))
             frames0 = self.pool_frames[idx].repeat_interleave(G, 0)
             instr = [self.pool_instr[i] for i in idx.tolist() for _ in range(G)]
-            world = wmpo.WorldModelEnv(self.wm, self.codec, device, self.args.sample_steps if self.args.sample_steps > 0 else None)
+            world = wmpo.WorldModelEnv(self.wm, self.codec, device)
             world.reset(frames0, instr)
         obs, tokens, frames = wmpo.imagine(policy, world, frames0, instr, n_chunks, temperature)
+        # imagination is never easier than reality: frames past the task's horizon do not count (the real env has
+        # stopped there), and a trajectory without success is judged on all its `horizon` actions
+        valid = torch.arange(frames.shape[1]) <= self.horizon
         if self.real:
-            hit = world.success  # the simulator's verdict per frame
+            hit = world.success & valid  # the simulator's verdict per frame
             world.close()
-            success = hit.any(1)
-            finish = torch.where(success, hit.float().argmax(1), torch.full_like(success, frames.shape[1] - 1, dtype=torch.long))
         else:
             with torch.no_grad():
                 probs = self.reward(frames.to(device), wmpo.tokenize(instr).to(device)).cpu()
-            success, finish = wmpo.detect_success(probs, self.reward.cfg.threshold)
+            hit = probs >= self.reward.cfg.threshold
+        success, first = wmpo.detect_success(hit.float(), 0.5, valid[None].expand_as(hit))
+        finish = torch.where(success, first, torch.full_like(first, self.horizon))
         words = wmpo.tokenize(instr)
         return {"obs": obs, "tokens": tokens, "words": words, "success": success, "finish": finish,
-                "mask": wmpo.chunk_mask(finish, n_chunks, K), "frames": frames}
+                "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim), "frames": frames}
 
 
 def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
     """Per-trajectory rollouts -> one row per chosen chunk (the unit the policy acts in)."""
-    b, n = tr["mask"].shape
+    b, n = tr["token_mask"].shape[:2]
     return {
         "obs": rearrange(tr["obs"], "b n h w c -> (b n) h w c"),
         "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
         "words": tr["words"].repeat_interleave(n, 0),
         "adv": adv.repeat_interleave(n, 0),
-        "mask": rearrange(tr["mask"] & keep[:, None], "b n -> (b n)"),
+        "token_mask": rearrange(tr["token_mask"], "b n ka -> (b n) ka"),
+        "mask": rearrange(tr["token_mask"].any(-1) & keep[:, None], "b n -> (b n)"),  # rows with any counted action
     }
 
 
@@ -426,15 +428,16 @@ def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
         z_pol = [codec.encode(torch.from_numpy(e["frames"]).to(args.device)) for e in all_real]
     a_pol = [torch.from_numpy(e["actions"]).to(args.device) for e in all_real]
     wm = wmpo.load(os.path.join(args.run_dir, "wm.safetensors"), args.device)
-    C, K = wm.cfg.context, wm.cfg.chunk
+    windows = train_wm.Windows(z_pol, a_pol, all_real, wm.cfg.context, wm.cfg.chunk, wargs.motion_windows)
     steps = args.refresh_wm_steps if args.refresh_wm_steps >= 0 else wargs.wm_finetune_steps
     reward_steps = args.refresh_reward_steps if args.refresh_reward_steps >= 0 else wargs.reward_steps // 3
-    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda net: net(*train_wm.window_batch(z_pol, a_pol, C, K, wargs.batch_size)),
+    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda net, step: net(*windows.sample(wargs.batch_size), 8),
                              wargs.lr * 0.3, f"wm-round{r}")
     wmpo.save(wm, os.path.join(args.run_dir, "wm.safetensors"), steps)
     reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
     reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, reward_steps,
-                                 lambda net: net(*train_wm.clip_batch(everything, codec, reward.cfg.clip, wargs.batch_size, args.device)),
+                                 lambda net, step: net(*train_wm.clip_batch(everything, [], codec, reward.cfg.clip,
+                                                                            4 * wargs.batch_size, args.device, 0.0)),
                                  wargs.lr * 0.3, f"reward-round{r}")
     wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), reward_steps)
 

@@ -418,6 +418,7 @@ def task_report(args, world, rewards, eps, task) -> tuple[dict, list]:
     first = np.array([int(np.argmax(e["success"])) if e["success"].any() else len(e["success"]) - 1 for e in eps])
     j_real = [judge(e, d) for e, d in zip(eps, d_r)]
     j_imag = [judge(e, d) for e, d in zip(eps, d_i)]
+    rep["median_success_len"] = float(np.median(first[real])) if real.any() else None
     rep["judge_on_real_agreement"] = float((np.array([j.any() for j in j_real]) == real).mean())
     judges = {"judge": j_imag}
     instr = [e["instruction"] for e in eps]
@@ -548,7 +549,10 @@ def check(args):
     t0 = time.time()
     # its own folder (it must never resume from, or overwrite, a full run's models) and a fixed small budget
     args.run_dir = os.path.join(args.run_dir, "check")
-    args.tasks, args.explore_per_level, args.codec_steps, args.wm_steps = ("wmpo/PushCube-v0",), 60, 400, 600
+    args.tasks, args.wm_finetune_steps = ("wmpo/PushCube-v0",), 0
+    for k, v in [("explore_per_level", 60), ("codec_steps", 400), ("wm_steps", 600)]:
+        if getattr(args, k) < 0:  # explicit flags win (the test runs it with a few steps, to see it fail)
+            setattr(args, k, v)
     sets = collect_all(args, None)
     held = envs.collect(args.tasks[0], envs.expert_policy(0.5, seed=9), envs.seeds("heldout", args.tasks[0], 32, start=8000),
                         desc="check held-out", full_horizon=True)
@@ -573,6 +577,8 @@ def check(args):
 
 
 def main(args: Args):
+    if args.check:
+        return check(args)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) < 0:
             setattr(args, k, v)
@@ -591,8 +597,6 @@ def main(args: Args):
     np.random.seed(args.seed + rank)
     print(f"train_wm: preset {args.preset}: codec {args.codec_steps}, wm {args.wm_steps} + {args.wm_finetune_steps}, "
           f"reward {args.reward_steps} steps; {args.explore_per_level} exploratory episodes per task and noise level")
-    if args.check:
-        return check(args)
     t_start = time.time()
     policy_path = wmpo.require(os.path.join(args.run_dir, "policy_sft.safetensors"), f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(policy_path, args.device, expect="VLA").eval()

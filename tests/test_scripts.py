@@ -59,14 +59,21 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     run("train_wm.py", "--run-dir", run_dir, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
         "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
         "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
-        "--wm.d", "32", "--wm.n-layer", "1", "--wm.n-head", "2", "--codec.width", "8", "--reward.width", "8")
+        "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
+               "--reward-replays", "2")
     rep = json.load(open(os.path.join(run_dir, "wm_report.json")))
     for k in ["psnr_by_horizon", "psnr_copy_baseline_by_horizon", "object_err_px_by_horizon",
               "object_err_px_copy_baseline_by_horizon", "success_radius_px", "median_success_len", "reward_f1",
               "reward_precision", "reward_recall", "reward_threshold", "outcome_agreement", "advantage_correlation",
               "trajectories", "imagined_frames_per_s", "real_env_steps_per_s", "per_task"]:
         assert k in rep, k
-    assert rep["trajectories"] == 6
+    for t in ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]:
+        for k in ["outcome_agreement", "advantage_correlation", "trajectories", "imagined_recall", "imagined_precision",
+                  "judge_agreement", "pusher_err_px_by_horizon", "pusher_err_px_shuffled_by_horizon"]:
+            assert k in rep["per_task"][t], (t, k)
+    assert "block_red_err_px_by_horizon" in rep["per_task"]["wmpo/PushCube-v0"]
+    assert rep["trajectories"] == 6 and rep["per_task"]["wmpo/Reach-v0"]["trajectories"] == 2
+    assert os.path.exists(os.path.join(run_dir, "videos", "wm_pushcube-v0.gif"))
     for f in ["wm.safetensors", "reward.safetensors", "codec.safetensors"]:
         assert os.path.exists(os.path.join(run_dir, f))
     run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1", "--init-states", "4",
@@ -78,6 +85,16 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
         "--grpo.group-size", "2", "--iterations", "5")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "grpo_real.metrics.jsonl"))]
     assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
+
+
+def test_train_wm_check_can_fail(tmp_path):
+    # the 5-minute diagnostic, with two training steps: an untrained world model must FAIL it (exit 1)
+    d = str(tmp_path / "chk")
+    out = run("train_wm.py", "--check", "--run-dir", d, "--explore-per-level", "2", "--codec-steps", "2", "--wm-steps", "2",
+              "--batch-size", "2", "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", ok=False)
+    assert out.returncode == 1 and "FAIL" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.load(open(os.path.join(d, "check", "check.json")))
+    assert res["pass"] is False and res["shuffled"] > 0
 
 
 def test_bad_inputs_fail_clearly_and_touch_nothing(run_dir, tmp_path):
@@ -132,7 +149,8 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     wm_args = ["train_wm.py", "--run-dir", d, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
                "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
                "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
-               "--wm.d", "32", "--wm.n-layer", "1", "--wm.n-head", "2", "--codec.width", "8", "--reward.width", "8"]
+               "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
+               "--reward-replays", "2"]
     for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2", "--init-states", "4",
                            "--grpo.states-per-task", "1", "--grpo.group-size", "2"]):
         out = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
@@ -156,3 +174,14 @@ def test_eval_generalisation_suite_writes_the_table(run_dir):
     assert abs(ck["generalisation/mean"]["success_rate"] - np.mean(rates)) < 1e-9
     assert "wmpo/PushCube-v0" in res["policy_sft"]  # the earlier tasks-suite evaluation is kept
     assert os.path.exists(os.path.join(run_dir, "eval_generalisation.md"))
+
+
+def test_gpu_check_dry_run_starts_every_step(tmp_path):
+    # the GPU script cannot rot unnoticed: without CUDA (or with --dry-run) every step must start and pass
+    env = {**os.environ, "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = open(tmp_path / "gpu" / "summary.md").read()
+    for name in ["tests", "bench_frame_attention", "bench_grpo", "smoke_help"]:
+        assert f"| {name} | ok |" in summary, summary
