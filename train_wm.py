@@ -480,7 +480,10 @@ def mean_over_tasks(per_task: dict) -> dict:
     keys = {k for r in per_task.values() for k in r}
     for k in sorted(keys):
         vals = [r[k] for r in per_task.values() if k in r and r[k] is not None]
-        if not vals or isinstance(vals[0], str) or (isinstance(vals[0], list) and vals[0] and isinstance(vals[0][0], str)):
+        if not vals:  # e.g. the median success length when no task has a success: the key stays, as null
+            out[k] = None
+            continue
+        if isinstance(vals[0], str) or (isinstance(vals[0], list) and vals[0] and isinstance(vals[0][0], str)):
             continue
         if isinstance(vals[0], list):
             H = max(len(v) for v in vals)
@@ -488,6 +491,42 @@ def mean_over_tasks(per_task: dict) -> dict:
         else:
             out[k] = float(np.mean(vals))
     return out
+
+
+def report_markdown(rep: dict) -> str:
+    """The README's world-model table, built from wm_report.json (no number typed by hand)."""
+    tasks = list(rep["per_task"])
+    f = lambda v, d=2: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"  # noqa: E731
+    def at(r, key, h):
+        v = r.get(key, [])
+        return v[h - 1] if h - 1 < len(v) else None
+    def blocks(r, key):
+        return " / ".join(f(r[f"{b}_{key}"]) for b in ["block_red", "block_blue"] if f"{b}_{key}" in r) or "–"
+    rows = [
+        ("pusher error px at h=8: true / shuffled actions / copy-first-frame", lambda r: " / ".join(
+            f(at(r, f"pusher_err_px{k}_by_horizon", 8), 1) for k in ["", "_shuffled", "_copy"])),
+        ("pusher error px at h=16 / 24 / 40 (success radius 3.84)", lambda r: " / ".join(
+            f(at(r, "pusher_err_px_by_horizon", h), 1) for h in (16, 24, 40))),
+        ("pushed blocks (red / blue): within the success radius of the real block at h=24", lambda r: blocks(r, "within_radius_h24")),
+        ("pushed blocks (red / blue): lost (< 3 px of their colour) at h=40", lambda r: blocks(r, "lost_h40")),
+        ("blocks (red / blue): error px on frames where they move", lambda r: blocks(r, "contact_err_px")),
+        ("geometric judge on imagined frames: agreement / adv. corr. / precision / recall", lambda r: " / ".join(
+            f(r[f"judge_{k}"]) for k in ["agreement", "advantage_correlation", "precision", "recall"])),
+        ("reward model (real + imagined clips): agreement / adv. corr. / precision / recall", lambda r: " / ".join(
+            f(r[f"reward_{k}"]) for k in ["agreement", "advantage_correlation", "precision", "recall"])),
+        ("reward model, real clips only (paper): agreement / adv. corr. / precision / recall", lambda r: " / ".join(
+            f(r.get(f"reward_real_{k}")) for k in ["agreement", "advantage_correlation", "precision", "recall"])),
+        ("stop-at-success variant, judge / reward model: agreement", lambda r: f"{f(r['judge_stop_at_success_agreement'])} / "
+                                                                  f"{f(r['reward_stop_at_success_agreement'])}"),
+        ("real / imagined (reward model) success rate; groups with mixed real outcomes", lambda r: f"{f(r['real_success_rate'])} / "
+                                                   f"{f(r['reward_imagined_success_rate'])}; {r['reward_mixed_groups']}"),
+        ("judge on real frames vs the simulator: agreement", lambda r: f(r["judge_on_real_agreement"])),
+    ]
+    lines = ["| held-out base-policy trajectories, full horizon | " + " | ".join(
+        f"{t.split('/')[1][:-3]} ({rep['per_task'][t]['trajectories']})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks)]
+    lines += [f"| {name} | " + " | ".join(fn(rep["per_task"][t]) for t in tasks) + " |" for name, fn in rows]
+    return "\n".join(lines) + "\n"
 
 
 def print_report(rep, tasks):
@@ -655,6 +694,8 @@ def main(args: Args):
     rep["per_task"] = per_task
     data = json.dumps(rep, indent=1)
     wmpo.atomic_write(os.path.join(args.run_dir, "wm_report.json"), lambda tmp: open(tmp, "w").write(data))
+    md = report_markdown(rep)
+    wmpo.atomic_write(os.path.join(args.run_dir, "wm_report.md"), lambda tmp: open(tmp, "w").write(md))
     print_report(rep, args.tasks)
 
 

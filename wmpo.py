@@ -492,11 +492,12 @@ class WorldModel(nn.Module):
         return torch.cat(preds, 1)
 
     def forward(self, z, actions, unroll: int = 0):
-        """Loss on a window. z (b, C+K, c, h, w) clean latents, actions (b, C+K, a): actions[:, i] taken at frame i
-        (the last is unused). unroll = 0: teacher forcing, one parallel pass predicting every frame from the real
-        ones before it. unroll = H > 0: the first C frames are real, the K after are generated from the model's own
-        predictions, reset to the real frame every H steps. Returns (loss, logs)."""
-        C = self.cfg.context
+        """Loss on a window. z (b, C+n*K, c, h, w) clean latents, actions (b, C+n*K, a): actions[:, i] taken at
+        frame i (the last is unused). unroll = 0: teacher forcing, one parallel pass predicting every frame from the
+        real ones before it. unroll = H > 0: the first C frames are real, the n*K after are generated chunk by chunk
+        as in imagination (each chunk's context = the last C frames so far, generated ones included), from the
+        model's own predictions, reset to the real frame every H steps inside a chunk. Returns (loss, logs)."""
+        C, K = self.cfg.context, self.cfg.chunk
         noisy = z + self.cfg.ctx_noise * torch.randn_like(z)  # generated context is never exact
         if unroll <= 0:
             af = self.action_features(actions[:, :-1])
@@ -504,7 +505,12 @@ class WorldModel(nn.Module):
             pred, _ = self.next_latents(noisy[:, :-1], z_prev, af)
             target, base = z[:, 1:], z[:, :-1]
         else:
-            pred = self.unroll(noisy[:, :C], actions[:, : C - 1], actions[:, C - 1 : -1], noisy[:, C:], unroll)
+            ctx, ctx_a, preds = noisy[:, :C], actions[:, : C - 1], []
+            for lo in range(C, z.shape[1], K):  # lo: index of the chunk's first generated frame
+                preds.append(self.unroll(ctx, ctx_a, actions[:, lo - 1 : lo - 1 + K], noisy[:, lo : lo + K], unroll))
+                ctx = torch.cat([ctx, preds[-1]], 1)[:, -C:]
+                ctx_a = actions[:, lo + K - C : lo + K - 1]
+            pred = torch.cat(preds, 1)
             target, base = z[:, C:], z[:, C - 1 : -1]
         # cells where the real frame changes (any channel) weigh motion_weight more: moving pixels are few
         moving = ((target - base).abs().amax(2, keepdim=True) > 0.05).float()
