@@ -334,6 +334,8 @@ class WorldModelConfig:
     """the next latent is the input latent plus a residual clamped to +-max_residual (stable long unrolls)"""
     motion_weight: float = 5.0
     """extra loss weight on latent cells that change (moving pixels are ~1% of a frame: copy is a deep minimum)"""
+    gate: bool = False
+    """multiply the residual by a predicted per-cell gate in (0, 1): a cell nothing touches can copy itself exactly"""
 
     @property
     def frame_tokens(self) -> int:
@@ -423,7 +425,7 @@ class WorldModel(nn.Module):
         self.up = nn.ConvTranspose2d(d, w, 4, 2, 1)  # 8x8 -> 16x16
         self.merge = nn.Conv2d(2 * w + f, w, 3, padding=1)
         self.up_res = nn.ModuleList([ResBlock(w, f) for _ in range(cfg.n_res)])
-        self.out = nn.Conv2d(w, c, 3, padding=1)
+        self.out = nn.Conv2d(w, c + int(cfg.gate), 3, padding=1)
         nn.init.zeros_(self.out.weight)  # starts as copy-the-last-frame; the actions must earn every change
         nn.init.zeros_(self.out.bias)
 
@@ -458,7 +460,10 @@ class WorldModel(nn.Module):
         h = self.merge(torch.cat([F.silu(self.up(h)), skip, tiles], 1))
         for blk in self.up_res:
             h = blk(h, emb)
-        res = self.out(F.silu(h)).clamp(-self.cfg.max_residual, self.cfg.max_residual)
+        res = self.out(F.silu(h))
+        if self.cfg.gate:  # (n, c + 1, h, w): the last channel says where anything changes at all
+            res = res[:, :-1] * torch.sigmoid(res[:, -1:])
+        res = res.clamp(-self.cfg.max_residual, self.cfg.max_residual)
         return z + rearrange(res, "(b t) c h w -> b t c h w", b=b)
 
     def next_latents(self, z, z_prev, af, caches=None, t0: int = 0):
