@@ -108,3 +108,12 @@ def test_gpu_bf16_large(B, H, T, N, D):
     ours, ref = run(B, H, T * N, D, N, torch.bfloat16, device="cuda")
     for name, a, b in zip(["o", "dq", "dk", "dv"], ours, ref):
         assert rel(a, b) <= 1e-2, name
+
+
+@cuda
+def test_gpu_fp32_within_tf32_error():
+    # fp32 inputs on a GPU: Triton's tl.dot takes TF32 tensor-core products by default (10-bit mantissa), so the
+    # error against the fp64 reference is TF32's (~1e-3 relative), not fp32's; this pins that level
+    ours, ref = run(2, 4, 8 * 256, 64, 256, torch.float32, device="cuda")
+    for name, a, b in zip(["o", "dq", "dk", "dv"], ours, ref):
+        assert rel(a, b) <= 5e-3, name
