@@ -490,7 +490,8 @@ class WorldModel(nn.Module):
         nxt, caches = self.next_latents(z_ctx, z_prev, af[:, :C], None, 0)
         preds, last = [nxt[:, -1:]], z_ctx[:, -1:]
         for j in range(1, K):
-            inp = z_real[:, j - 1 : j] if (z_real is not None and reset_every > 0 and j % reset_every == 0) else preds[-1]
+            reset = z_real is not None and reset_every > 0 and j % reset_every == 0
+            inp = z_real[:, j - 1 : j] if reset else preds[-1]
             nxt, caches = self.next_latents(inp, last, af[:, C - 1 + j : C + j], caches, C + j - 1)
             preds.append(nxt)
             last = inp
@@ -522,7 +523,8 @@ class WorldModel(nn.Module):
         err = (pred - target) ** 2
         loss = ((1 + self.cfg.motion_weight * moving) * err).mean()
         copy = ((base - target) ** 2).mean()
-        return loss, {"wm/loss": loss.item(), "wm/mse": err.mean().item(), "wm/mse_vs_copy": (err.mean() / copy.clamp(min=1e-8)).item()}
+        ratio = err.mean() / copy.clamp(min=1e-8)  # < 1: better than copying the last frame
+        return loss, {"wm/loss": loss.item(), "wm/mse": err.mean().item(), "wm/mse_vs_copy": ratio.item()}
 
     @torch.no_grad()
     def predict(self, z_ctx, ctx_actions, actions):
@@ -566,8 +568,9 @@ class WorldModelEnv:
 def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
     """The trained world model of a run folder as an env: reset(frames uint8 (b, 64, 64, 3), instructions), then
     step(actions (b, K, 2)) -> imagined frames uint8 (b, K, 64, 64, 3)."""
-    codec = load(require(os.path.join(run_dir, "codec.safetensors"), f"python train_wm.py --run-dir {run_dir}"), device, expect="FrameCodec")
-    wm = load(require(os.path.join(run_dir, "wm.safetensors"), f"python train_wm.py --run-dir {run_dir}"), device, expect="WorldModel")
+    make = f"python train_wm.py --run-dir {run_dir}"
+    codec = load(require(os.path.join(run_dir, "codec.safetensors"), make), device, expect="FrameCodec")
+    wm = load(require(os.path.join(run_dir, "wm.safetensors"), make), device, expect="WorldModel")
     return WorldModelEnv(wm.eval(), codec.eval(), device)
 
 
