@@ -231,6 +231,12 @@ class TabletopEnv(gym.Env):
         """push_action, but a detour waypoint, once chosen, is kept until reached (or for 8 steps): recomputing it
         every step lets the pusher cycle between two detours forever."""
         p = self.pusher()
+        # touching another block (e.g. the one just delivered, when the stage changes): back straight off it first;
+        # a detour planned from inside an obstacle's clearance runs through it and knocks it off its pad
+        for o in [self.block(o) for o in obstacles]:
+            if np.linalg.norm(p - o) < BLOCK_H * np.sqrt(2) + PUSHER_R:
+                self.waypoint = None
+                return toward(p, o + (p - o) / max(np.linalg.norm(p - o), 1e-6) * (BLOCK_H * np.sqrt(2) + PUSHER_R + 0.02))
         if self.waypoint is not None and np.linalg.norm(self.waypoint - p) > 0.01 and self.waypoint_steps < 8:
             self.waypoint_steps += 1
             return toward(p, self.waypoint)
@@ -379,16 +385,30 @@ class PushTwo(TabletopEnv):
     horizon = 80
 
     def sample_layout(self, rng):
-        while True:
-            pts = sample_points(
-                rng, 5, 0.19, [[0], [0.09, 0], [0.09, 0.14, 0], [0.06, 0.12, 0.12, 0], [0.06, 0.12, 0.12, 0.14, 0]]
-            )
-            # i: the first block, j: its pad (points 1-2 are blocks, 3-4 pads); the lanes must not cross
-            i, j = rng.integers(2), rng.integers(2)
-            b1, b2, p1, p2 = pts[1 + i], pts[2 - i], pts[3 + j], pts[4 - j]
-            lanes_clear = push_lane_dist(b1, p1, b2) > LANE_CLEAR and push_lane_dist(b2, p2, p1) > LANE_CLEAR
-            if np.abs(pts[1:5]).max() < 0.14 and lanes_clear:
+        # Each block starts in its own half of the table with the pad it goes to, both >= 4.5 cm from the midline:
+        # the two push lanes can never cross and a push never drives one block into the other (the old layouts let
+        # lanes meet and the expert jammed the blocks together on 4-12% of seeds, issue 15). Pads stay 12 cm inside
+        # the edge so a block that overshoots its pad does not reach the rim.
+        axis, sign = rng.integers(2), rng.choice([-1.0, 1.0])  # split left|right or top|bottom; red's side
+        pts = np.zeros((5, 2))  # pusher, red block, blue block, the pad in red's half, the pad in blue's half
+        for k, s in [(0, sign), (1, -sign)]:
+            while True:  # a block and its pad in half s, at least 9 cm apart
+                bp = np.stack([rng.uniform(-0.14, 0.14, 2), rng.uniform(-0.12, 0.12, 2)])  # block, pad
+                bp[:, axis] = s * np.array([rng.uniform(0.045, 0.14), rng.uniform(0.045, 0.12)])
+                if np.linalg.norm(bp[0] - bp[1]) >= 0.09:
+                    break
+            pts[1 + k], pts[3 + k] = bp
+        while True:  # the pusher anywhere clear of the blocks and pads
+            pts[0] = rng.uniform(-0.19, 0.19, 2)
+            if np.linalg.norm(pts[1:3] - pts[0], axis=1).min() >= 0.09 and np.linalg.norm(pts[3:5] - pts[0], axis=1).min() >= 0.06:
                 break
+        if rng.integers(2):  # which pad colour lies in red's half: the instruction, not the layout, pairs them
+            pts[[3, 4]] = pts[[4, 3]]
+            pad_of = [1, 0]
+        else:
+            pad_of = [0, 1]
+        i = rng.integers(2)  # which block goes first
+        j = pad_of[i]
         self.order = [(self.blocks[i], self.pads[j]), (self.blocks[1 - i], self.pads[1 - j])]
         (b1, p1), (b2, p2) = self.order
         text = PUSH_TWO_TEMPLATES[rng.integers(len(PUSH_TWO_TEMPLATES))].format(block=b1, pad=p1, block2=b2, pad2=p2)
@@ -422,7 +442,7 @@ def base_task(task: str) -> str:
 
 # Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
 SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000, "wmpo": 400_000,
-             "grpo_real": 500_000, "val": 600_000, "eval": 1_000_000}
+             "grpo_real": 500_000, "val": 600_000, "expert": 700_000, "eval": 1_000_000}
 
 
 def seeds(purpose: str, task: str, n: int, start: int = 0) -> list[int]:

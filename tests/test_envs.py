@@ -31,15 +31,13 @@ def test_unknown_task_id_is_named():
         envs.make("wmpo/Nope-v0")
 
 
-# Expert success thresholds: the issue asks >= 95%; PushTwo's expert measures 94% over 200 seeds (README).
-EXPERT_MIN = {"wmpo/Reach-v0": 0.95, "wmpo/PushCube-v0": 0.95, "wmpo/PushTwo-v0": 0.88}
-
-
+# Issue 15: every expert succeeds on >= 97% of 200 seeds from the "expert" range, which nothing else uses (measured
+# on 1,000 other seeds: Reach 100%, PushCube 98.9%, PushTwo 99.2%).
 @pytest.mark.parametrize("task", envs.TASKS)
 def test_expert_success(task):
-    eps = envs.collect(task, envs.expert_policy(), list(range(100, 150)), num_envs=8)
+    eps = envs.collect(task, envs.expert_policy(), envs.seeds("expert", task, 200), num_envs=8)
     rate = np.mean([ep["success"][-1] for ep in eps])
-    assert rate >= EXPERT_MIN[task], f"{task} expert success {rate:.2f}"
+    assert rate >= 0.97, f"{task} expert success {rate:.3f} on 200 fresh seeds"
     # an episode ends at its first success (termination) or at the horizon (truncation)
     horizon = gym.make(task).unwrapped.horizon
     for ep in eps:
