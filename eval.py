@@ -24,7 +24,9 @@ the share of successful episodes that had one.
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,24 +39,32 @@ import wmpo
 class Args:
     run_dir: str = "runs/demo"
     """run folder holding the checkpoints"""
-    preset: str = "tiny"
+    preset: Literal["tiny", "small", "gpu"] = "tiny"
     """accepted for symmetry with the other scripts; evaluation does not depend on it"""
     checkpoints: tuple[str, ...] = ("policy_sft",)
     """checkpoint names in the run folder (without .safetensors)"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
+    """task ids to evaluate (the generalisation suite evaluates their perturbed variants)"""
     episodes: int = 100
     """episodes per task (use >= 500 for results that are compared: standard error ~2 points)"""
     temperatures: tuple[float, ...] = (0.0,)
     """0 = greedy (argmax tokens); the paper rolls out at 1.6"""
     num_envs: int = 16
+    """vectorised envs per task"""
     videos: int = 4
     """episodes per task shown in each GIF (0: none)"""
     seed: int = 0
-    """torch seed for sampling at T > 0"""
+    """sampling seed at T > 0; each (checkpoint, task, temperature) draws from its own seed derived from it, so a
+    score never depends on which checkpoints were evaluated before"""
+    execute: int = 0
+    """actions of each chunk run before re-planning (0: the checkpoint's own, PolicyConfig.execute)"""
+    split: Literal["eval", "val"] = "eval"
+    """reset seeds: eval (reported numbers only) | val (for choosing checkpoints, rounds or levers; disjoint)"""
     device: str = "cpu"
-    out: str = "eval"
-    """output name: <out>.json and <out>.md in the run folder"""
-    suite: str = "tasks"
+    """torch device of the policy"""
+    out: str = ""
+    """output name: <out>.json and <out>.md in the run folder (default: the split, eval or val)"""
+    suite: Literal["tasks", "generalisation"] = "tasks"
     """tasks: --tasks as they are | generalisation: their perturbed variants (envs.SHIFTS), never seen in training"""
     setback_cm: float = 2.0
     """recovery detector: a successful episode whose goal distance rose this far above its best so far"""
@@ -113,9 +123,13 @@ def video(episodes: list[dict], path: str, scale: int = 2) -> None:
     imageio.mimsave(path, list(grid), duration=0.1, loop=0)
 
 
-def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: int, device="cpu") -> list[dict]:
+def evaluate(policy: wmpo.VLA, task: str, n: int, temperature: float, num_envs: int, device="cpu", split="eval",
+             seed: int = 0, name: str = "") -> list[dict]:
+    """n episodes of `policy` on `split` reset seeds. Sampling draws from a seed of its own per (name, task,
+    temperature), so evaluating A then B gives B the score it gets alone (issue 15)."""
+    torch.manual_seed(zlib.crc32(f"{seed}/{name}/{task}/{temperature:g}".encode()))
     fn = wmpo.policy_fn(policy, temperature, device)
-    return envs.collect(task, fn, envs.seeds("eval", task, n), num_envs=num_envs, desc=f"eval {task} T={temperature}")
+    return envs.collect(task, fn, envs.seeds(split, task, n), num_envs=num_envs, desc=f"{split} {task} T={temperature}")
 
 
 def generalisation_rows(results: dict, tasks: list[str], episodes: int) -> dict:
@@ -170,22 +184,28 @@ def markdown(results: dict, tasks: list[str]) -> str:
 def main(args: Args):
     if args.suite not in ("tasks", "generalisation"):
         raise ValueError(f"--suite must be tasks or generalisation, got {args.suite!r}")
+    if args.split not in ("eval", "val"):
+        raise ValueError(f"--split must be eval or val, got {args.split!r}")
+    args.out = args.out or args.split
     base_tasks = list(args.tasks)
     if args.suite == "generalisation":
         args.tasks = tuple(t.replace("-v0", f"-{s}-v0") for t in base_tasks for s in envs.SHIFTS)
     for t in args.tasks:
         envs.make(t).close()  # an unknown id fails before any work
-    torch.manual_seed(args.seed)
     results = {}
     for name in args.checkpoints:
         path = wmpo.require(os.path.join(args.run_dir, f"{name}.safetensors"),
                             "python train_policy.py sft (or wmpo / grpo-real) --run-dir " + args.run_dir)
         policy = wmpo.load(path, args.device, expect="VLA").eval()
+        if args.execute:
+            if not 0 < args.execute <= policy.cfg.chunk:
+                raise ValueError(f"--execute must be in 1..{policy.cfg.chunk}, got {args.execute}")
+            policy.cfg.execute = args.execute
         for temp in args.temperatures:
             key = name if temp == 0 else f"{name}@T{temp:g}"
             results[key] = {}
             for task in args.tasks:
-                eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device)
+                eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device, args.split, args.seed, name)
                 results[key][task] = summarize(eps, args.setback_cm / 100)
                 r = results[key][task]
                 print(f"{key:24s} {task:20s} success {r['success_rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"

@@ -10,6 +10,7 @@ All three read and write one run folder (--run-dir, default runs/demo); see ../s
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,11 +29,12 @@ class SFTArgs:
     # run
     run_dir: str = "runs/demo"
     """run folder: inputs and outputs of every step"""
-    preset: str = "tiny"
+    preset: Literal["tiny", "small", "gpu"] = "tiny"
     """tiny (2 CPU cores) | small | gpu (one H100): picks the demo budget and steps below when left at -1"""
     seed: int = 0
     """torch seed (demo seeds come from envs.seeds, disjoint from evaluation)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device (cuda when one is visible)"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
     """tasks to train on (one multi-task policy)"""
     # data
@@ -44,8 +46,11 @@ class SFTArgs:
     num_steps: int = -1
     """optimizer steps (-1: the preset's)"""
     batch_size: int = 64
+    """(frame, action chunk) pairs per step, over all processes"""
     lr: float = 1e-3
+    """peak AdamW learning rate (100 warm-up steps, cosine to 0)"""
     weight_decay: float = 1e-4
+    """AdamW weight decay"""
     augment_px: int = 3
     """random-shift augmentation in pixels"""
     eval_every: int = 500
@@ -61,8 +66,9 @@ SFT_PRESETS = {
 }
 
 
-def chunk_targets(episodes: list[dict], K: int, bins: int):
-    """Every step t of every episode -> (frame t, instruction, tokens of actions t..t+K-1, mask past the end)."""
+def chunk_targets(episodes: list[dict], K: int, bins: int, vocab: list[str]):
+    """Every step t of every episode -> (frame t, instruction word ids in `vocab`, tokens of actions t..t+K-1, mask
+    past the end)."""
     frames, words, tokens, masks = [], [], [], []
     for ep in episodes:
         T = len(ep["actions"]) - 1  # real actions (the last row is padding)
@@ -72,7 +78,7 @@ def chunk_targets(episodes: list[dict], K: int, bins: int):
         frames.append(ep["frames"][:T])
         tokens.append(rearrange(wmpo.action_to_tokens(torch.from_numpy(acts[idx]), bins), "t k a -> t (k a)"))
         masks.append(torch.from_numpy(np.repeat(idx < T, 2, axis=1)))
-        words.append(wmpo.tokenize([ep["instruction"]]).expand(T, -1))
+        words.append(wmpo.tokenize([ep["instruction"]], vocab).expand(T, -1))
     return torch.from_numpy(np.concatenate(frames)), torch.cat(words), torch.cat(tokens), torch.cat(masks)
 
 
@@ -123,7 +129,7 @@ def sft(args: SFTArgs):
         collect_demos(args, budgets)
     wmpo.barrier()
     episodes = [ep for ep in collect_demos(args, budgets) if ep["success"][-1]]  # clone successes only
-    frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins)
+    frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins, wmpo.VOCAB)  # a new policy's words
     print(f"SFT on {len(episodes)} demos, {len(frames)} (frame, chunk) pairs, {num_steps} steps")
 
     policy = wmpo.VLA(args.policy).to(args.device)
@@ -182,11 +188,15 @@ def sft(args: SFTArgs):
 class WMPOArgs:
     # run
     run_dir: str = "runs/demo"
-    preset: str = "tiny"
+    """run folder: reads policy_sft and train_wm.py's models and rollouts, writes the policy and metrics"""
+    preset: Literal["tiny", "small", "gpu"] = "tiny"
     """tiny (2 CPU cores, <= 30 min) | small | gpu: iterations when left at -1"""
     seed: int = 0
+    """torch seed of sampling and initial-state draws"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device (cuda when one is visible)"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
+    """tasks trained together, one group batch per task per iteration"""
     init: str = "policy_sft"
     """checkpoint the policy starts from"""
     out: str = "policy_wmpo"
@@ -194,15 +204,16 @@ class WMPOArgs:
     # algorithm
     iterations: int = -1
     """GRPO iterations (-1: preset); grpo-real stops earlier when the real budget is spent"""
-    init_states: int = 512
-    """pool of real initial frames per task (training seeds, never evaluation seeds)"""
     rounds: int = 1
     """lifelong rounds: after each, collect --budget new real rollouts of the current policy, refresh the world and
     reward models on all real data so far, run WMPO again (1 = plain WMPO)"""
     budget: int = 128
     """P: real trajectories per lifelong round (wmpo) / in total (grpo-real)"""
-    round_eval_episodes: int = 100
-    """real episodes per task to report success after each lifelong round"""
+    val_every: int = 5
+    """every this many iterations (and after the last), greedy real success on `val` reset seeds beside the imagined
+    success: the reward-hacking check (monitoring only; nothing is chosen on it; 0: never)"""
+    val_episodes: int = 50
+    """real episodes per task for that check (and after each lifelong round)"""
     refresh_wm_steps: int = -1
     """world-model fine-tuning steps per lifelong round (-1: train_wm's preset wm_finetune_steps)"""
     refresh_reward_steps: int = -1
@@ -227,21 +238,21 @@ class TaskWorld:
         self.task, self.real, self.args = task, real, args
         self.wm, self.codec, self.reward = wm, codec, reward
         self.horizon = envs.make(task).unwrapped.horizon
-        if not real:  # a pool of real initial frames from training seeds
-            seeds = envs.seeds("wmpo", task, args.init_states)
-            env = envs.make(task)
-            frames, self.pool_instr = [], []
-            for s in seeds:  # one reset per seed gives both its first frame and its instruction
-                frames.append(env.reset(seed=s)[0])
-                self.pool_instr.append(env.unwrapped.instruction)
-            self.pool_frames = torch.from_numpy(np.stack(frames))
-            env.close()
+        if not real:  # initial states: the first frames of the real alignment rollouts train_wm.py collected, so WMPO
+            # draws nothing more from the real env than the budget P already counts (train_wm.py writes budget.json)
+            name = task.split("/")[1].lower()
+            eps = envs.load_dir(os.path.join(args.run_dir, "data"), f"rollouts-{name}")
+            if not eps:
+                raise SystemExit(f"error: no real rollouts of {task} in {args.run_dir}/data; make them with: "
+                                 f"python train_wm.py --run-dir {args.run_dir}")
+            self.pool_frames = torch.from_numpy(np.stack([e["frames"][0] for e in eps]))
+            self.pool_instr = [e["instruction"] for e in eps]
         self.next_real_seed = 0
 
     def rollout(self, policy, B, G, temperature, device):
         """B initial states x G samples -> trajectories, judged. Returns a dict of per-trajectory tensors."""
-        K = policy.cfg.chunk
-        n_chunks = -(-self.horizon // K)  # enough chunks to reach the task's horizon
+        K, E = policy.cfg.chunk, policy.cfg.execute
+        n_chunks = -(-self.horizon // E)  # enough chunks to reach the task's horizon (E actions of each run)
         if self.real:
             rank, world = wmpo.dist_init()  # ranks take disjoint seeds: every real trajectory is a new one
             seeds = envs.seeds("grpo_real", self.task, B, start=self.next_real_seed + rank * B)
@@ -264,13 +275,13 @@ class TaskWorld:
             world.close()
         else:
             with torch.no_grad():
-                probs = self.reward(frames.to(device), wmpo.tokenize(instr).to(device)).cpu()
+                probs = self.reward(frames.to(device), self.reward.text.tokenize(instr)).cpu()
             hit = probs >= self.reward.cfg.threshold
         success, first = wmpo.detect_success(hit.float(), 0.5, valid[None].expand_as(hit))
         finish = torch.where(success, first, torch.full_like(first, self.horizon))
-        words = wmpo.tokenize(instr)
+        words = policy.text.tokenize(instr).cpu()
         return {"obs": obs, "tokens": tokens, "words": words, "success": success, "finish": finish,
-                "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim), "frames": frames}
+                "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E), "frames": frames}
 
 
 def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
@@ -286,13 +297,24 @@ def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
     }
 
 
+def val_success(policy, tasks, n: int, device) -> dict:
+    """Greedy real success on `val` reset seeds (never `eval`): what the policy really does, logged beside what the
+    world model and reward model say it does."""
+    logs = {}
+    for t in tasks:
+        eps = envs.collect(t, wmpo.policy_fn(policy, 0.0, device), envs.seeds("val", t, n, start=5000), desc=f"val {t}")
+        logs[f"val/real_success/{t}"] = float(np.mean([e["success"][-1] for e in eps]))
+    logs["val/real_success"] = float(np.mean(list(logs.values())))
+    return logs
+
+
 def grpo_loop(args: WMPOArgs, real: bool):
     from kernels.grpo import group_advantages
 
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
     for t in args.tasks:
         envs.make(t).close()
-    for k in ["budget", "init_states", "rounds"]:
+    for k in ["budget", "rounds"]:
         if not getattr(args, k) > 0:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     if args.grpo.group_size < 2 or args.grpo.states_per_task < 1 or not args.grpo.lr > 0 or args.grpo.temperature < 0:
@@ -332,6 +354,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
             w.next_real_seed = state.get("next_real_seed", 0)
         print(f"resuming {name} from iteration {start}")
 
+    if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
+        wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args.tasks, args.val_episodes, args.device)})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
         if real and used + world * len(worlds) * B * G > args.budget:
@@ -370,6 +394,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
             "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t0 - t_roll, 1e-6),
             "real_trajectories": used, "dt": time.time() - t0,
         })
+        if rank == 0 and args.val_every and ((it + 1) % args.val_every == 0 or it + 1 == iterations):
+            logs.update(val_success(policy.eval(), args.tasks, args.val_episodes, args.device))
         if rank == 0:
             wmpo.log_metrics(args.run_dir, name, logs)
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
@@ -385,7 +411,6 @@ def grpo_loop(args: WMPOArgs, real: bool):
 def lifelong(args: WMPOArgs):
     """Round 1 is plain WMPO; every later round collects P real rollouts of the current policy, re-aligns the world and
     reward models on all real data so far, and runs WMPO again from the current policy."""
-    import eval as evaluation
     import train_wm
 
     base_out = args.out
@@ -397,12 +422,9 @@ def lifelong(args: WMPOArgs):
             args.init = os.path.basename(prev).replace(".safetensors", "")
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
-        res = {t: evaluation.summarize(evaluation.evaluate(policy, t, args.round_eval_episodes, 0.0, 16, args.device))
-               for t in args.tasks}
-        mean = float(np.mean([v["success_rate"] for v in res.values()]))
-        history.append({"round": r, "checkpoint": args.out, "real_trajectories": args.budget * (r + 1),
-                        "mean_success": mean, **{t: v["success_rate"] for t, v in res.items()}})
-        print(f"round {r}: real success {mean:.1%} ({args.round_eval_episodes} greedy episodes per task)")
+        res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
+        history.append({"round": r, "checkpoint": args.out, "real_trajectories": args.budget * (r + 1), **res})
+        print(f"round {r}: val real success {res['val/real_success']:.1%} ({args.val_episodes} greedy episodes per task)")
         wmpo.log_metrics(args.run_dir, "lifelong", history[-1])
 
 
@@ -437,7 +459,8 @@ def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
     reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
     reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, reward_steps,
                                  lambda net, step: net(*train_wm.clip_batch(everything, [], codec, reward.cfg.clip,
-                                                                            4 * wargs.batch_size, args.device, 0.0)),
+                                                                            4 * wargs.batch_size, args.device, 0.0,
+                                                                            reward.text.words)),
                                  wargs.lr * 0.3, f"reward-round{r}")
     wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), reward_steps)
 

@@ -49,15 +49,17 @@ class Args:
     actions after a short training; run it before every long run"""
     # data
     budget: int = 128
-    """P: real rollouts of the base policy for behaviour alignment (split evenly over tasks)"""
+    """P: every real trajectory drawn with the policy that trains or chooses anything (alignment rollouts plus
+    validation rollouts), split evenly over tasks; held-out report trajectories only measure and are not counted"""
     rollout_temperature: float = 1.0
     """temperature of the base policy's rollouts (the same as WMPO's)"""
     explore_noise: tuple[float, ...] = (0.3, 0.7, 1.2)
     """action-noise levels of the exploratory noisy-expert episodes"""
     explore_per_level: int = -1
     """exploratory episodes per task and noise level (-1: preset)"""
-    val_per_task: int = 48
-    """validation rollouts per task, full horizon: choose the reward threshold"""
+    val_share: float = 0.25
+    """share of each task's budget spent on validation rollouts (full horizon) that choose the reward threshold;
+    the rest are alignment rollouts"""
     heldout_groups: int = 64
     """held-out initial states per task, each rolled out G times, full horizon: the fidelity report"""
     group_size: int = 8
@@ -110,10 +112,20 @@ def collect_cached(path: str, task: str, act, seeds: list[int], desc: str, full_
     return eps
 
 
+def budget_split(args: Args) -> tuple[int, int]:
+    """Per task: (alignment rollouts, validation rollouts), together at most budget / tasks real trajectories."""
+    per_task = args.budget // len(args.tasks)
+    n_val = max(1, round(per_task * args.val_share))
+    if per_task - n_val < 1:
+        raise SystemExit(f"error: --budget {args.budget} leaves no alignment rollout on {len(args.tasks)} tasks "
+                         f"after {n_val} validation rollouts each (--val-share {args.val_share})")
+    return per_task - n_val, n_val
+
+
 def collect_all(args: Args, policy) -> dict[str, list[dict]]:
     data_dir = os.path.join(args.run_dir, "data")
     sets = {"demos": [], "explore": [], "rollouts": [], "val": [], "heldout": []}
-    per_task = max(1, args.budget // len(args.tasks))
+    n_roll, n_val = budget_split(args)
     act = wmpo.policy_fn(policy, args.rollout_temperature, args.device) if policy is not None else None
     for task in args.tasks:
         name = task_name(task)
@@ -126,11 +138,11 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
                                               f"explore {name} σ={noise}", policy=f"expert+noise {noise}")
         if policy is None:  # --check: noisy-expert data only
             continue
-        sets["rollouts"] += collect_cached(os.path.join(data_dir, f"rollouts-{name}-{per_task}.safetensors"), task, act,
-                                           envs.seeds("rollouts", task, per_task), f"rollouts {name}",
+        sets["rollouts"] += collect_cached(os.path.join(data_dir, f"rollouts-{name}-{n_roll}.safetensors"), task, act,
+                                           envs.seeds("rollouts", task, n_roll), f"rollouts {name}",
                                            policy="policy_sft", temperature=args.rollout_temperature)
-        sets["val"] += collect_cached(os.path.join(data_dir, f"val-{name}-{args.val_per_task}.safetensors"), task, act,
-                                      envs.seeds("val", task, args.val_per_task), f"val {name}", full_horizon=True,
+        sets["val"] += collect_cached(os.path.join(data_dir, f"val-{name}-{n_val}.safetensors"), task, act,
+                                      envs.seeds("val", task, n_val), f"val {name}", full_horizon=True,
                                       policy="policy_sft", temperature=args.rollout_temperature)
         # held-out groups: each initial state rolled out G times (consecutive episodes form a group)
         seeds = [s for s in envs.seeds("heldout", task, args.heldout_groups) for _ in range(args.group_size)]
@@ -236,10 +248,11 @@ class Windows:
         return torch.stack(zs), torch.stack(acts)
 
 
-def clip_batch(real_eps, imag_eps, codec, L: int, B: int, device, imag_frac: float):
+def clip_batch(real_eps, imag_eps, codec, L: int, B: int, device, imag_frac: float, vocab: list[str]):
     """Balanced success clips: positives end at a success frame, negatives anywhere else. imag_frac of them are cut
     from imagined replays (same index, the *real* label); of the real ones half are autoencoded, so the classifier
-    accepts what the codec draws. real_eps and imag_eps are parallel lists (imag_eps[i] replays real_eps[i])."""
+    accepts what the codec draws. real_eps and imag_eps are parallel lists (imag_eps[i] replays real_eps[i]).
+    Instructions become word ids in `vocab`, the reward model's own word list."""
     n_imag = int(round(B * imag_frac)) if imag_eps else 0
     frames, words, labels, coded = [], [], [], []
     succ = [i for i, e in enumerate(real_eps) if e["success"][-1]]
@@ -254,7 +267,7 @@ def clip_batch(real_eps, imag_eps, codec, L: int, B: int, device, imag_frac: flo
         end = T - 1 if positive else np.random.randint(0, (T - 1 if ep["success"][-1] else T))
         idx = np.clip(np.arange(end - L + 1, end + 1), 0, T - 1)
         frames.append(torch.from_numpy((imag_eps[i] if imagined else ep["frames"])[idx]))
-        words.append(wmpo.tokenize([ep["instruction"]])[0])
+        words.append(wmpo.tokenize([ep["instruction"]], vocab)[0])
         labels.append(1 if positive else 0)
         coded.append(not imagined and j % 4 == 1)
     frames = torch.stack(frames).to(device)
@@ -330,7 +343,7 @@ def reward_probs(reward, frames_list, instructions, device, batch=64):
         fl = frames_list[s : s + batch]
         T = max(len(f) for f in fl)
         pad = np.stack([np.concatenate([f, np.repeat(f[-1:], T - len(f), 0)]) for f in fl])
-        p = reward(torch.from_numpy(pad).to(device), wmpo.tokenize(instructions[s : s + batch]).to(device)).cpu()
+        p = reward(torch.from_numpy(pad).to(device), reward.text.tokenize(instructions[s : s + batch])).cpu()
         out += [p[i, : len(f)].numpy() for i, f in enumerate(fl)]
     return out
 
@@ -623,9 +636,10 @@ def main(args: Args):
             setattr(args, k, v)
     for t in args.tasks:
         envs.make(t).close()
-    for k in ["budget", "batch_size", "lr", "eval_every", "group_size", "heldout_groups", "val_per_task"]:
+    for k in ["budget", "batch_size", "lr", "eval_every", "group_size", "heldout_groups", "val_share"]:
         if not getattr(args, k) > 0:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    budget_split(args)  # a budget too small for the tasks fails here, before any work
     if args.group_size < 2:
         raise SystemExit(f"error: --group-size must be >= 2 (advantages are within groups), got {args.group_size}")
     rank, world = wmpo.dist_init()
@@ -645,6 +659,13 @@ def main(args: Args):
     wmpo.barrier()
     sets = collect_all(args, policy)
     train_eps = sets["demos"] + sets["explore"] + sets["rollouts"]
+    # the real budget, counted: every trajectory drawn with the policy that trains or chooses anything
+    used = {"rollouts": len(sets["rollouts"]), "val": len(sets["val"])}
+    budget = {"budget": args.budget, "real_trajectories": sum(used.values()), **used,
+              "heldout_not_counted": len(sets["heldout"])}  # measurement only: the fidelity report, like eval.py
+    assert budget["real_trajectories"] <= args.budget, budget
+    if rank == 0:
+        wmpo.atomic_write(os.path.join(args.run_dir, "budget.json"), lambda tmp: open(tmp, "w").write(json.dumps(budget, indent=1)))
 
     # -- 1. frame codec, 2. world model --
     codec = train_codec(args, torch.from_numpy(np.concatenate([e["frames"] for e in train_eps])), world)
@@ -665,7 +686,7 @@ def main(args: Args):
         rm = wmpo.RewardModel(args.reward).to(args.device)
         rm = train_loop(rm, name, args, args.reward_steps,
                         lambda net, step: net(*clip_batch(replay_eps + rest, replay_imag, codec, args.reward.clip,
-                                                          4 * B, args.device, frac)), args.lr, name)
+                                                          4 * B, args.device, frac, rm.text.words)), args.lr, name)
         rm.eval().requires_grad_(False)
         if rank == 0:
             rm.cfg.threshold = choose_threshold(reward_probs(rm, val_frames, [e["instruction"] for e in sets["val"]], args.device), val_succ)
@@ -682,6 +703,7 @@ def main(args: Args):
         side_by_side_gif(gif, os.path.join(args.run_dir, "videos", f"wm_{task_name(task)}.gif"))
     rep = mean_over_tasks(per_task)
     rep["trajectories"] = sum(r["trajectories"] for r in per_task.values())
+    rep["real_budget"] = budget  # what P paid for (budget.json)
     rep["imagined_frames_per_s"] = imagined_fps(imag_world)
     env = envs.make(args.tasks[0])
     env.reset(seed=0)

@@ -33,7 +33,9 @@ from einops import rearrange, repeat
 torch.set_flush_denormal(True)
 
 # ----------------------------------------------------------------------------------------------------------
-# instructions -> word ids, with no download: the vocabulary is every word the task grammar can produce
+# instructions -> word ids, with no download: a new model's vocabulary is every word the task grammar can produce.
+# The word list then travels with the checkpoint (safetensors metadata "vocab"): adding a task's words to the
+# templates re-sorts VOCAB, and an old checkpoint must keep decoding its own ids (issue 15).
 
 
 def build_vocab() -> list[str]:
@@ -48,21 +50,21 @@ def build_vocab() -> list[str]:
 
 
 VOCAB = build_vocab()
-WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 PAD, UNK = 0, 1
 
 
-def tokenize(instructions: list[str], max_len: int = 24) -> torch.Tensor:
-    """Word ids (b, l), padded with PAD; words outside the vocabulary map to UNK (never an error)."""
+def tokenize(instructions: list[str], words: list[str], max_len: int = 24) -> torch.Tensor:
+    """Word ids (b, l) in the vocabulary `words`, padded with PAD; unknown words map to UNK (never an error)."""
+    word_id = {w: i for i, w in enumerate(words)}
     ids = torch.full((len(instructions), max_len), PAD, dtype=torch.long)
     for i, text in enumerate(instructions):
-        words = text.lower().replace(",", " ").split()[:max_len]
-        ids[i, : len(words)] = torch.tensor([WORD_ID.get(w, UNK) for w in words], dtype=torch.long)
+        toks = text.lower().replace(",", " ").split()[:max_len]
+        ids[i, : len(toks)] = torch.tensor([word_id.get(w, UNK) for w in toks], dtype=torch.long)
     return ids
 
 
-def detokenize(ids: torch.Tensor) -> list[str]:
-    return [" ".join(VOCAB[i] for i in row.tolist() if i != PAD) for row in ids]
+def detokenize(ids: torch.Tensor, words: list[str]) -> list[str]:
+    return [" ".join(words[i] for i in row.tolist() if i != PAD) for row in ids]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,13 +91,15 @@ def frames_to_model(frames: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PolicyConfig:
     chunk: int = 8  # K actions per call (the paper's 8)
-    action_dim: int = 2  # a
+    action_dim: int = 2  # a: action dimensions (the pusher's x, y velocity set-point)
     bins: int = 256  # discrete bins per action dimension (the paper's 256)
     width: int = 32  # conv channels (64 is 4x slower on CPU for little gain at 64x64)
     keypoints: int = 32  # spatial-softmax keypoints
     text_dim: int = 64  # word embedding and GRU width
     hidden: int = 512  # MLP head width
-    vocab: int = len(VOCAB)
+    execute: int = 2
+    """actions of each chunk run before the policy looks again (<= chunk; eval, rollouts and GRPO all use it); 2 vs 8:
+    +11 / +6 / +1 points of base-policy success on Reach / PushCube / PushTwo (issue 15)"""
 
 
 class FiLM(nn.Module):
@@ -121,21 +125,45 @@ def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
     return attn @ grid
 
 
+class TextEncoder(nn.Module):
+    """Instruction -> one vector: word embeddings + a bidirectional GRU (word order matters: "red ... then blue").
+    Shared by the policy and the reward model. It owns its word list (`words`), saved in every checkpoint that
+    holds one (checkpoints from before this module, with top-level `embed.*` names and no "vocab", do not load)."""
+
+    def __init__(self, words: list[str], dim: int):
+        super().__init__()
+        self.words = list(words)
+        self.embed = nn.Embedding(len(self.words), dim, padding_idx=PAD)
+        self.gru = nn.GRU(dim, dim, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * dim, dim)
+
+    def tokenize(self, instructions: list[str]) -> torch.Tensor:
+        """Instruction strings -> word ids (b, l) in this encoder's own vocabulary, on its device."""
+        return tokenize(instructions, self.words).to(self.embed.weight.device)
+
+    def forward(self, ids):  # (b, l) -> (b, d)
+        x = self.embed(ids)
+        lengths = (ids != PAD).sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)  # h: (2, b, d), last state of each direction
+        return self.out(rearrange(h, "two b d -> b (two d)"))
+
+
 class VLA(nn.Module):
     """Frame + instruction -> K x A action tokens, all decoded in one forward pass (parallel decoding).
 
     Vision: convs FiLM-conditioned on the instruction, then spatial-softmax keypoints (a plain conv+flatten
     encoder could not clone the expert from pixels in the prototype; keypoints give ~2 px precise positions).
-    Language: word embeddings + a bidirectional GRU (word order matters: "red ... then blue").
+    Language: TextEncoder (word embeddings + a bidirectional GRU).
     """
 
-    def __init__(self, cfg: PolicyConfig):
+    def __init__(self, cfg: PolicyConfig, words: list[str] = VOCAB):
         super().__init__()
+        if not 1 <= cfg.execute <= cfg.chunk:
+            raise ValueError(f"--policy.execute must be in 1..{cfg.chunk} (the chunk), got {cfg.execute}")
         self.cfg = cfg
         w, td = cfg.width, cfg.text_dim
-        self.embed = nn.Embedding(cfg.vocab, td, padding_idx=PAD)
-        self.gru = nn.GRU(td, td, batch_first=True, bidirectional=True)
-        self.text_out = nn.Linear(2 * td, td)
+        self.text = TextEncoder(words, td)
         self.conv1 = nn.Conv2d(3 + 2, w, 5, stride=2, padding=2)  # +2: pixel coordinates (CoordConv)
         self.conv2 = nn.Conv2d(w, w, 3, padding=1)
         self.film2 = FiLM(td, w)
@@ -150,20 +178,13 @@ class VLA(nn.Module):
             nn.Linear(cfg.hidden, cfg.chunk * cfg.action_dim * cfg.bins),
         )
 
-    def encode_text(self, words):  # (b, l) -> (b, d)
-        x = self.embed(words)
-        lengths = (words != PAD).sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, h = self.gru(packed)  # h: (2, b, d), last state of each direction
-        return self.text_out(rearrange(h, "two b d -> b (two d)"))
-
     def logits(self, frames: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """frames uint8 (b, h, w, c), words (b, l) -> logits (b, k*a, v)."""
         x = frames_to_model(frames)
         b, c, h, w = x.shape
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij")
         x = torch.cat([x, repeat(torch.stack([xs, ys]), "two h w -> b two h w", b=b)], dim=1)
-        text = self.encode_text(words)
+        text = self.text(words)
         x = F.gelu(self.conv1(x))  # (b, d, 32, 32)
         x = F.gelu(self.film2(self.conv2(x), text))
         x = F.gelu(self.film3(self.conv3(x), text))
@@ -221,8 +242,8 @@ def policy_fn(policy: VLA, temperature: float, device="cpu"):
 
     def fn(obs, instructions, venv):
         frames = torch.as_tensor(obs, device=device)
-        actions, _, _ = policy.act(frames, tokenize(instructions).to(device), temperature)
-        return actions.cpu().numpy()
+        actions, _, _ = policy.act(frames, policy.text.tokenize(instructions), temperature)
+        return actions[:, : policy.cfg.execute].cpu().numpy()  # re-plan after `execute` actions
 
     return fn
 
@@ -316,6 +337,7 @@ class WorldModelConfig:
     chunk: int = 8
     """frames generated per step() call, one per action (the paper's 8)"""
     action_dim: int = 2
+    """action dimensions (the pusher's x, y)"""
     history: int = 4
     """actions tiled per frame: its own and the previous history-1 (the pusher lags its set-point)"""
     width: int = 48
@@ -619,11 +641,10 @@ class RealChunkEnv:
 @dataclass
 class RewardConfig:
     clip: int = 8  # frames per clip (the paper's 8)
-    width: int = 32
-    keypoints: int = 16
-    text_dim: int = 64
-    hidden: int = 256
-    vocab: int = len(VOCAB)
+    width: int = 32  # conv channels
+    keypoints: int = 16  # spatial-softmax keypoints per frame
+    text_dim: int = 64  # word embedding and GRU width
+    hidden: int = 256  # clip-head MLP width
     threshold: float = 0.5  # chosen on held-out validation episodes by train_wm.py
 
 
@@ -635,13 +656,11 @@ class RewardModel(nn.Module):
     features of 8 consecutive frames, so scoring every window of a T-frame trajectory costs T frame passes.
     """
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, words: list[str] = VOCAB):
         super().__init__()
         self.cfg = cfg
         w, td = cfg.width, cfg.text_dim
-        self.embed = nn.Embedding(cfg.vocab, td, padding_idx=PAD)
-        self.gru = nn.GRU(td, td, batch_first=True, bidirectional=True)
-        self.text_out = nn.Linear(2 * td, td)
+        self.text = TextEncoder(words, td)
         self.conv1 = nn.Conv2d(3, w, 5, stride=2, padding=2)  # 32x32
         self.conv2 = nn.Conv2d(w, w, 3, stride=2, padding=1)  # 16x16: 4 px cells, keypoints interpolate below that
         self.film = FiLM(td, w)
@@ -649,8 +668,6 @@ class RewardModel(nn.Module):
         feat = 2 * cfg.keypoints + cfg.keypoints  # keypoint xy + peak activation per keypoint
         self.head = nn.Sequential(nn.Linear(cfg.clip * feat + td, cfg.hidden), nn.GELU(),
                                   nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
-
-    encode_text = VLA.encode_text
 
     def frame_features(self, frames, text):
         """frames uint8 (b, t, h, w, c), text (b, d) -> (b, t, f)."""
@@ -665,7 +682,7 @@ class RewardModel(nn.Module):
 
     def clip_logits(self, frames, words):
         """Logit of success for the clip ending at every frame (clips before frame 7 repeat the first frame)."""
-        text = self.encode_text(words)
+        text = self.text(words)
         f = self.frame_features(frames, text)  # (b, t, f)
         L = self.cfg.clip
         f = torch.cat([f[:, :1].expand(-1, L - 1, -1), f], 1)  # left-pad by repeating the first frame
@@ -717,34 +734,39 @@ class GRPOConfig:
     lr: float = 5e-4  # paper 5e-6 for a 7B model; a 2.5M-parameter policy needs far more (prototype: 1e-3 moved it)
     epochs: int = 2  # passes over each batch (paper 1; the prototype's clip fraction was ~0 with one pass at lr 1e-4)
     minibatches: int = 4  # optimiser steps per epoch (the paper: 512 trajectories in mini-batches of 128)
-    max_grad_norm: float = 1.0
-    agg: str = "token-mean"
+    max_grad_norm: float = 1.0  # gradient clipping before each optimiser step
+    agg: str = "token-mean"  # loss aggregation (kernels.grpo): token-mean (the paper's) | seq-mean-token-mean | ...
     resample_rounds: int = 0  # dynamic sampling: extra rollouts when under half the groups are kept (costs 2x on CPU)
 
 
 def imagine(policy: VLA, world, frames0, instructions, n_chunks: int, temperature: float):
     """Roll the policy out in `world` (WorldModelEnv or RealChunkEnv) for n_chunks action chunks.
 
+    The first E = policy.cfg.execute actions of each chunk run, then the policy looks again (as in the real env).
     Returns obs (b, n_chunks, h, w, c) — the frame each chunk was chosen from — tokens (b, n_chunks, k*a) and
-    frames (b, 1 + n_chunks*K, h, w, c), the whole trajectory the judge scores.
+    frames (b, 1 + n_chunks*E, h, w, c), the whole trajectory the judge scores.
     """
-    words = tokenize(instructions).to(next(policy.parameters()).device)
+    words = policy.text.tokenize(instructions)
     cur = frames0
     obs, toks, frames = [], [], [frames0[:, None]]
     for _ in range(n_chunks):
         actions, tokens, _ = policy.act(cur.to(words.device), words, temperature)
-        new = world.step(actions).to(frames0.device)  # (b, K, h, w, c)
+        new = world.step(actions[:, : policy.cfg.execute]).to(frames0.device)  # (b, E, h, w, c)
         obs.append(cur), toks.append(tokens.cpu()), frames.append(new)
         cur = new[:, -1]
     return torch.stack(obs, 1), torch.stack(toks, 1), torch.cat(frames, 1)
 
 
-def action_mask(finish: torch.Tensor, n_chunks: int, K: int, A: int) -> torch.Tensor:
+def action_mask(finish: torch.Tensor, n_chunks: int, K: int, A: int, E: int | None = None) -> torch.Tensor:
     """(b, n_chunks, K*A) True for the tokens of actions executed before frame `finish` (the first success frame, or
     the horizon): action i is taken on frame i and makes frame i + 1, so it counts when i < finish. Per action, not
-    per chunk: the actions of a chunk after the success frame never ran and get no credit."""
-    step = torch.arange(n_chunks * K).reshape(n_chunks, K)  # global index of each action
-    return repeat(step[None] < finish[:, None, None], "b n k -> b n (k a)", a=A)
+    per chunk: the actions of a chunk after the success frame never ran and get no credit. With E < K actions
+    executed per chunk (PolicyConfig.execute), action j of chunk n is global action n*E + j, and j >= E never ran."""
+    E = E or K
+    j = torch.arange(K)
+    step = torch.arange(n_chunks)[:, None] * E + j[None]  # (n, K) global index of each action
+    ran = (j < E)[None, None] & (step[None] < finish[:, None, None])
+    return repeat(ran, "b n k -> b n (k a)", a=A)
 
 
 def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:
@@ -804,6 +826,8 @@ def save(model: nn.Module, path: str, step: int = 0, **extra) -> None:
     model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixed names
     model = getattr(model, "module", model)  # nor a DDP wrapper's
     meta = {"kind": type(model).__name__, "config": json.dumps(asdict(model.cfg)), "step": str(step)}
+    if hasattr(model, "text"):  # the word list the embedding rows belong to
+        meta["vocab"] = json.dumps(model.text.words)
     meta.update({k: json.dumps(v) for k, v in extra.items()})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
@@ -833,11 +857,14 @@ def load(path: str, device="cpu", expect: str | None = None) -> nn.Module:
         raise ValueError(f"checkpoint {path} holds a {kind}, expected a {expect}")
     module_cls, cfg_cls = MODELS[kind]
     cfg_dict = json.loads(meta["config"])
+    if kind in ("VLA", "RewardModel") and "vocab" not in meta:
+        raise ValueError(f"checkpoint {path} has no vocabulary in its metadata: it predates word lists saved with "
+                         "checkpoints (issue 15) and would decode instructions with today's word ids; retrain it")
     try:
         cfg = cfg_cls(**cfg_dict)
     except TypeError as e:
         raise ValueError(f"checkpoint {path}: config does not match {cfg_cls.__name__} ({e})") from e
-    model = module_cls(cfg)
+    model = module_cls(cfg, json.loads(meta["vocab"])) if "vocab" in meta else module_cls(cfg)
     try:
         state = load_file(path)
     except Exception as e:
@@ -845,7 +872,7 @@ def load(path: str, device="cpu", expect: str | None = None) -> nn.Module:
     check_state(model, state, path)
     model.load_state_dict(state)
     model.step = int(meta.get("step", 0))
-    model.meta = {k: v for k, v in meta.items() if k not in ("kind", "config", "step")}
+    model.meta = {k: v for k, v in meta.items() if k not in ("kind", "config", "step", "vocab")}
     return model.to(device)
 
 

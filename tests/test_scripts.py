@@ -7,6 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+import envs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +79,7 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     assert os.path.exists(os.path.join(run_dir, "videos", "wm_pushcube-v0.gif"))
     for f in ["wm.safetensors", "reward.safetensors", "codec.safetensors"]:
         assert os.path.exists(os.path.join(run_dir, f))
-    run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1", "--init-states", "4",
+    run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1",
         "--grpo.states-per-task", "1", "--grpo.group-size", "2")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "wmpo.metrics.jsonl"))]
     assert "wmpo/imagined_success" in rows[-1] and "wmpo/kept_group_frac" in rows[-1]
@@ -116,6 +119,28 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(run_dir, tmp_path):
     assert before == after
 
 
+def flags_without_help(cmd: list[str]) -> list[str]:
+    """The flags whose --help entry says nothing but its default (tyro's boxed layout, one column at 100 columns)."""
+    out = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "COLUMNS": "100"}).stdout
+    rows = [line[2:-1] for line in out.splitlines() if line.startswith("│ ")]  # inside the boxes
+    col = next(r.index("show this help") for r in rows if "show this help" in r)  # where descriptions start
+    blocks = []
+    for r in rows:
+        if r.lstrip().startswith("-"):
+            blocks.append([r.strip().split()[0], r[col:] if len(r.rstrip()) > col and r[col - 1] == " " else ""])
+        elif blocks:
+            blocks[-1][1] += " " + r.strip()
+    group_words = {"run", "data", "optim", "algorithm"}  # a `# run` comment above a field is not its help
+    return [flag for flag, text in blocks if text.split("(default:")[0].strip() in {"", *group_words}]
+
+
+@pytest.mark.parametrize("cmd", [["train_policy.py", "sft"], ["train_policy.py", "wmpo"], ["train_policy.py", "grpo-real"],
+                                 ["train_wm.py"], ["eval.py"], ["scripts/results.py"]], ids=" ".join)
+def test_every_flag_has_help(cmd):
+    assert flags_without_help(cmd) == [], f"{' '.join(cmd)}: flags with no help text"
+
+
 def test_recovery_detector_on_hand_made_traces():
     import eval as ev
 
@@ -135,6 +160,24 @@ def test_recovery_detector_on_hand_made_traces():
     assert s["recovery_rate"] == 0.5 and abs(s["setback_rate"] - 2 / 3) < 1e-9
 
 
+def test_sampled_evaluation_does_not_depend_on_what_ran_before():
+    """Issue 15: at T > 0, B's episodes are the same whether A was evaluated first or not; val and eval differ."""
+    import eval as ev
+    import wmpo
+
+    torch.manual_seed(0)
+    a, b = (wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64)).eval() for _ in range(2))
+    run = lambda pol, name, split="eval", seed=0: ev.evaluate(pol, "wmpo/Reach-v0", 4, 1.0, 4, split=split, seed=seed,  # noqa: E731
+                                                              name=name)
+    alone = run(b, "B")
+    run(a, "A")
+    after_a = run(b, "B")
+    assert all(np.array_equal(x["actions"], y["actions"]) for x, y in zip(alone, after_a))
+    assert not all(np.array_equal(x["actions"], y["actions"]) for x, y in zip(alone, run(b, "B", seed=1)))  # it samples
+    assert [e["seed"] for e in run(b, "B", "val")] == envs.seeds("val", "wmpo/Reach-v0", 4)
+    assert not set(envs.seeds("val", "wmpo/Reach-v0", 10_000)) & set(envs.seeds("eval", "wmpo/Reach-v0", 10_000))
+
+
 def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     # the same scripts under torchrun (gloo on CPU): rank 0 alone writes files, the run ends cleanly on both ranks
     import shutil
@@ -151,7 +194,7 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
                "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
                "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
                "--reward-replays", "2"]
-    for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2", "--init-states", "4",
+    for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2",
                            "--grpo.states-per-task", "1", "--grpo.group-size", "2"]):
         out = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

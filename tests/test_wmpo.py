@@ -27,15 +27,15 @@ def frames(b, seed=0):
 
 def test_tokenizer_round_trip_and_unknown_words():
     text = "push the red block onto the green pad"
-    ids = wmpo.tokenize([text, "grab the purple banana"])
-    assert wmpo.detokenize(ids[:1]) == [text]
-    assert (ids[1, :4] == torch.tensor([wmpo.UNK, wmpo.WORD_ID["the"], wmpo.UNK, wmpo.UNK])).all()
+    ids = wmpo.tokenize([text, "grab the purple banana"], wmpo.VOCAB)
+    assert wmpo.detokenize(ids[:1], wmpo.VOCAB) == [text]
+    assert (ids[1, :4] == torch.tensor([wmpo.UNK, wmpo.VOCAB.index("the"), wmpo.UNK, wmpo.UNK])).all()
     # every instruction the tasks can produce is fully in the vocabulary
     for task in envs.TASKS:
         env = envs.make(task)
         for s in range(20):
             env.reset(seed=s)
-            assert wmpo.UNK not in wmpo.tokenize([env.unwrapped.instruction])[0].tolist()
+            assert wmpo.UNK not in wmpo.tokenize([env.unwrapped.instruction], wmpo.VOCAB)[0].tolist()
 
 
 def test_action_bins_round_trip_within_half_a_bin():
@@ -50,7 +50,7 @@ def test_action_bins_round_trip_within_half_a_bin():
 
 def test_logprob_is_sum_of_token_log_softmax():
     pol = tiny_policy()
-    f, w = frames(4), wmpo.tokenize(["push the red block onto the green pad"] * 4)
+    f, w = frames(4), wmpo.tokenize(["push the red block onto the green pad"] * 4, wmpo.VOCAB)
     torch.manual_seed(1)
     actions, tokens, logp = pol.act(f, w, temperature=1.6)
     logits = pol.logits(f, w) / 1.6
@@ -63,7 +63,7 @@ def test_logprob_is_sum_of_token_log_softmax():
 
 def test_greedy_is_deterministic_and_argmax():
     pol = tiny_policy()
-    f, w = frames(3), wmpo.tokenize(["go to the red pad"] * 3)
+    f, w = frames(3), wmpo.tokenize(["go to the red pad"] * 3, wmpo.VOCAB)
     a1, t1, _ = pol.act(f, w, 0.0)
     a2, t2, _ = pol.act(f, w, 0.0)
     assert torch.equal(t1, t2) and torch.equal(a1, a2)
@@ -75,8 +75,8 @@ def test_instruction_changes_the_policy_output():
     for p in pol.parameters():
         p.data += 0.05 * torch.randn_like(p)  # FiLM starts at identity: perturb so words can matter
     f = frames(1)
-    la = pol.logits(f, wmpo.tokenize(["push the red block onto the green pad"]))
-    lb = pol.logits(f, wmpo.tokenize(["push the blue block onto the green pad"]))
+    la = pol.logits(f, wmpo.tokenize(["push the red block onto the green pad"], wmpo.VOCAB))
+    lb = pol.logits(f, wmpo.tokenize(["push the blue block onto the green pad"], wmpo.VOCAB))
     assert not torch.allclose(la, lb)
 
 
@@ -84,7 +84,7 @@ def test_sft_overfits_a_handful_of_demos():
     eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2, 3], num_envs=3)
     from train_policy import chunk_targets
 
-    f, w, t, m = chunk_targets(eps, 8, 256)
+    f, w, t, m = chunk_targets(eps, 8, 256, wmpo.VOCAB)
     pol = tiny_policy()
     opt = torch.optim.AdamW(pol.parameters(), lr=3e-3)
     first = None
@@ -106,7 +106,7 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     wmpo.save(pol, path, step=7)
     back = wmpo.load(path, expect="VLA")
     assert back.step == 7 and back.cfg == pol.cfg
-    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2)
+    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
     assert torch.equal(back.logits(f, w), pol.logits(f, w))
     with pytest.raises(ValueError, match="expected a WorldModel"):
         wmpo.load(path, expect="WorldModel")
@@ -125,6 +125,32 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     save_file(state, mism, metadata=meta)
     with pytest.raises(ValueError, match="head.4.weight"):
         wmpo.load(mism)
+    # a checkpoint written before vocabularies were saved with it: one clear error, not silently re-mapped words
+    old = str(tmp_path / "old.safetensors")
+    save_file(load_file(path), old, metadata={k: v for k, v in meta.items() if k != "vocab"})
+    with pytest.raises(ValueError, match="no vocabulary"):
+        wmpo.load(old)
+
+
+def test_checkpoint_keeps_its_vocabulary_when_the_templates_grow(tmp_path, monkeypatch):
+    """Issue 15: adding a task's words re-sorts the module vocabulary; an old checkpoint must keep its own ids."""
+    text = "push the red block onto the green pad"
+    pol = tiny_policy()
+    path = str(tmp_path / "p.safetensors")
+    wmpo.save(pol, path)
+    f = frames(2)
+    before = pol.logits(f, pol.text.tokenize([text] * 2))
+    # a new word that sorts first shifts every id by one in a freshly built vocabulary
+    grown = ["<pad>", "<unk>"] + sorted(set(wmpo.VOCAB[2:]) | {"aardvark"})
+    monkeypatch.setattr(wmpo, "VOCAB", grown)
+    assert wmpo.tokenize([text], grown)[0, 0] != wmpo.tokenize([text], pol.text.words)[0, 0]
+    back = wmpo.load(path)
+    assert back.text.words == pol.text.words  # the checkpoint's list, not today's
+    assert back.text.tokenize([text]).tolist() == pol.text.tokenize([text]).tolist()
+    assert wmpo.detokenize(back.text.tokenize([text]), back.text.words) == [text]
+    assert torch.equal(back.logits(f, back.text.tokenize([text] * 2)), before)
+    wmpo.save(back, str(tmp_path / "q.safetensors"))  # and it saves its own list again
+    assert wmpo.load(str(tmp_path / "q.safetensors")).text.words == pol.text.words
 
 
 # -- world model ---------------------------------------------------------------------------------------------------
@@ -269,7 +295,7 @@ def test_reward_scores_every_frame_and_windows_are_causal():
     torch.manual_seed(0)
     rm = wmpo.RewardModel(wmpo.RewardConfig(width=8, keypoints=4, text_dim=16, hidden=32))
     f = torch.randint(0, 256, (2, 12, 64, 64, 3), dtype=torch.uint8)
-    w = wmpo.tokenize(["go to the red pad"] * 2)
+    w = wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
     p = rm(f, w)
     assert p.shape == (2, 12) and ((p > 0) & (p < 1)).all()
     f2 = f.clone()
@@ -283,7 +309,7 @@ def test_reward_scores_every_frame_and_windows_are_causal():
 
 def test_grpo_step_moves_logprobs_in_the_sign_of_the_advantage():
     pol = tiny_policy()
-    f, w = frames(8), wmpo.tokenize(["go to the red pad"] * 8)
+    f, w = frames(8), wmpo.tokenize(["go to the red pad"] * 8, wmpo.VOCAB)
     torch.manual_seed(0)
     _, tokens, _ = pol.act(f, w, 1.0)
     adv = torch.tensor([1.0, -1.0] * 4)
@@ -300,7 +326,7 @@ def test_grpo_step_moves_logprobs_in_the_sign_of_the_advantage():
 
 def test_masked_chunks_get_no_gradient():
     pol = tiny_policy()
-    f, w = frames(4), wmpo.tokenize(["go to the red pad"] * 4)
+    f, w = frames(4), wmpo.tokenize(["go to the red pad"] * 4, wmpo.VOCAB)
     _, tokens, _ = pol.act(f, w, 1.0)
     cfg = wmpo.GRPOConfig(lr=1e-2, minibatches=1)
     opt = torch.optim.SGD(pol.parameters(), lr=cfg.lr)
@@ -320,7 +346,7 @@ def test_masked_chunks_get_no_gradient():
 def test_masked_actions_inside_a_chunk_get_no_gradient():
     # success on frame 3 of a chunk: actions 3..7 never ran, so their tokens must not move the policy
     pol = tiny_policy()
-    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2)
+    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
     _, tokens, _ = pol.act(f, w, 1.0)
     tmask = wmpo.action_mask(torch.tensor([3, 3]), n_chunks=1, K=8, A=2)[:, 0]  # (2, 16)
     cfg = wmpo.GRPOConfig(lr=1e-2, minibatches=1, epochs=1)
@@ -346,6 +372,9 @@ def test_action_mask_and_dynamic_sampling_drop_uniform_groups():
     for i, finish in enumerate([0, 9, 16, 30]):  # action j counts iff j < finish (it made frame j + 1)
         assert counted[i].tolist() == [j < finish for j in range(32)]
     assert (m.reshape(4, 4, 8, 2)[..., 0] == m.reshape(4, 4, 8, 2)[..., 1]).all()  # both dims of an action
+    # executing E = 2 of each chunk's 8 actions: chunk n runs global actions 2n, 2n + 1; the other 6 never ran
+    m2 = wmpo.action_mask(torch.tensor([5]), n_chunks=4, K=8, A=2, E=2).reshape(4, 8, 2)[..., 0]
+    assert m2.tolist() == [[j < 2 and 2 * n + j < 5 for j in range(8)] for n in range(4)]
     success = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0], dtype=torch.float32)  # group 0 uniform, group 1 mixed
     adv, st = group_advantages(success, 4, return_stats=True)
     keep = st["keep"].repeat_interleave(4)

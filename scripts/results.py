@@ -1,0 +1,203 @@
+"""The README's results, built from run folders so that no number in it is typed by hand.
+
+    python scripts/results.py runs/seed0 runs/seed1 runs/seed2 --out docs/results
+
+Reads, in each run folder: eval.json (eval.py), budget.json and wm_report.json (train_wm.py), wmpo.metrics.jsonl
+and grpo_real.metrics.jsonl (train_policy.py) and the checkpoints' metadata (real trajectories a GRPO-real
+checkpoint used). Writes:
+    <out>.md              headline table (per task and checkpoint: every seed's success [Wilson 95%], mean ± std
+                          over seeds), the real budget each method used, the world-model fidelity of each run
+    <out>_training.png    imagined success (world model + reward model) vs real success on `val` seeds during WMPO
+    <out>_budget.png      mean greedy success against real trajectories used (sample efficiency), every
+                          checkpoint that records its real trajectories
+Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T1" for T = 1.
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Args:
+    runs: tuple[str, ...]
+    """run folders, one per training seed (each with eval.json from eval.py)"""
+    out: str = "docs/results"
+    """output prefix: <out>.md, <out>_training.png, <out>_budget.png"""
+    checkpoints: tuple[str, ...] = ("policy_sft", "policy_grpo_real", "policy_wmpo")
+    """columns of the headline table, in order (with their @T1 variants when evaluated)"""
+
+
+LABELS = {"policy_sft": "base (SFT)", "policy_grpo_real": "GRPO-real", "policy_wmpo": "WMPO"}
+
+
+def read_json(path: str):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def real_trajectories(run: str, ckpt: str) -> int | None:
+    """Real trajectories a checkpoint paid for: GRPO-real records it in its metadata; WMPO's are train_wm's budget.json
+    (its lifelong rounds add their own P each, recorded per round in lifelong.metrics.jsonl)."""
+    if ckpt.startswith("policy_wmpo"):
+        b = read_json(os.path.join(run, "budget.json"))
+        return b["real_trajectories"] if b else None
+    path = os.path.join(run, f"{ckpt}.safetensors")
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return int(json.loads(meta["real_trajectories"])) if "real_trajectories" in meta else None
+
+
+def cell(rates: list[float]) -> str:
+    """mean ± std over seeds (std only with two or more)."""
+    m = 100 * np.mean(rates)
+    return f"{m:.1f} ± {100 * np.std(rates, ddof=1):.1f}" if len(rates) > 1 else f"{m:.1f}"
+
+
+def headline(args: Args, evals: dict) -> str:
+    cols = [c + t for t in ("", "@T1") for c in args.checkpoints if all(c + t in e for e in evals.values())]
+    if not cols:
+        return "(no run has eval.json entries for the requested checkpoints)\n"
+    tasks = [t for t in next(iter(evals.values()))[cols[0]] if t != "mean" and not t.startswith("generalisation")]
+    lines = [f"| task | " + " | ".join(LABELS.get(c.split("@")[0], c) + (" T=1" if "@" in c else "") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for task in tasks + ["mean"]:
+        row = []
+        for c in cols:
+            rates = [e[c][task]["success_rate"] for e in evals.values()]
+            seeds = ", ".join(
+                f"{100 * e[c][task]['success_rate']:.1f} [{100 * e[c][task]['ci95'][0]:.0f}, {100 * e[c][task]['ci95'][1]:.0f}]"
+                for e in evals.values()) if task != "mean" else ""
+            row.append(f"**{cell(rates)}**" + (f"<br>{seeds}" if seeds and len(evals) > 1 else
+                                               (f" [{seeds.split('[')[1]}" if seeds else "")))
+        lines.append(f"| {task.split('/')[-1]} | " + " | ".join(row) + " |")
+    n = next(iter(evals.values()))[cols[0]][tasks[0]]["episodes"]
+    lines.append(f"\n{len(evals)} training seed(s) ({', '.join(evals)}), {n} evaluation episodes per task and seed; "
+                 "success % as mean ± std over seeds, then each seed's rate [Wilson 95%].\n")
+    return "\n".join(lines) + "\n"
+
+
+def budget_table(args: Args) -> str:
+    lines = ["| run | method | real trajectories | of which |", "|---|---|---|---|"]
+    for run in args.runs:
+        b = read_json(os.path.join(run, "budget.json"))
+        if b:
+            lines.append(f"| {run} | WMPO (train_wm.py) | {b['real_trajectories']} of P = {b['budget']} | "
+                         f"{b['rollouts']} alignment + {b['val']} validation rollouts; {b['heldout_not_counted']} "
+                         "held-out report trajectories not counted (measurement only) |")
+        n = real_trajectories(run, "policy_grpo_real")
+        if n is not None:
+            lines.append(f"| {run} | GRPO-real | {n} | rollouts of the policy being trained |")
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_table(args: Args) -> str:
+    keys = [("outcome_agreement", "reward agreement"), ("advantage_correlation", "adv corr"),
+            ("judge_agreement", "geometric judge")]
+    lines = ["| run | task | pusher px h=8 true / shuffled | " + " | ".join(k[1] for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for run in args.runs:
+        rep = read_json(os.path.join(run, "wm_report.json"))
+        for task, r in (rep or {}).get("per_task", {}).items():
+            pus = r.get("pusher_err_px_by_horizon"), r.get("pusher_err_px_shuffled_by_horizon")
+            p = f"{pus[0][7]:.1f} / {pus[1][7]:.1f}" if all(x and len(x) > 7 for x in pus) else "-"
+            vals = [f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "-" for k, _ in keys]
+            lines.append(f"| {run} | {task.split('/')[-1]} | {p} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def training_plot(args: Args, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    drawn = False
+    for i, run in enumerate(args.runs):
+        rows = read_jsonl(os.path.join(run, "wmpo.metrics.jsonl"))
+        im = [(r["step"] + 1, r["wmpo/imagined_success"]) for r in rows if "wmpo/imagined_success" in r]
+        va = [(r["step"] + 1, r["val/real_success"]) for r in rows if "val/real_success" in r]
+        if im:
+            ax.plot(*zip(*im), color=f"C{i}", ls="--", alpha=0.8, label=f"{os.path.basename(run)} imagined")
+        if va:
+            ax.plot(*zip(*va), color=f"C{i}", marker="o", label=f"{os.path.basename(run)} real (val seeds)")
+        drawn |= bool(im or va)
+    if drawn:
+        ax.set(xlabel="WMPO iteration", ylabel="success (mean over tasks)", ylim=(0, 1))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def budget_plot(args: Args, evals: dict, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {"GRPO-real": [], "WMPO": []}
+    for run, e in evals.items():
+        for ckpt, res in e.items():
+            if "@" in ckpt or "mean" not in res:
+                continue
+            kind = "WMPO" if ckpt.startswith("policy_wmpo") else "GRPO-real" if ckpt.startswith("policy_grpo_real") else None
+            n = real_trajectories(run, ckpt) if kind else None
+            if n is not None:
+                pts[kind].append((n, res["mean"]["success_rate"]))
+    if not any(pts.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for kind, style in [("GRPO-real", dict(marker="o", ls="-")), ("WMPO", dict(marker="*", ms=12, ls=""))]:
+        if pts[kind]:
+            xs, ys = zip(*sorted(pts[kind]))
+            ax.plot(xs, ys, label=kind, **style)
+    base = [e["policy_sft"]["mean"]["success_rate"] for e in evals.values() if "policy_sft" in e]
+    if base:
+        ax.axhline(np.mean(base), color="gray", ls=":", label="base (SFT)")
+    ax.set(xscale="log", xlabel="real trajectories used", ylabel="greedy success (mean over tasks)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(args: Args):
+    evals = {}
+    for run in args.runs:
+        if not os.path.isdir(run):
+            raise SystemExit(f"error: {run} is not a run folder")
+        e = read_json(os.path.join(run, "eval.json"))
+        if e is None:
+            raise SystemExit(f"error: {run}/eval.json is missing; make it with: python eval.py --run-dir {run} "
+                             f"--checkpoints {' '.join(args.checkpoints)} --episodes 500 --temperatures 0 1")
+        evals[run] = e
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    md = ["## Headline: real success\n", headline(args, evals), "\n## Real budget\n", budget_table(args),
+          "\n## World-model fidelity of these runs (held-out trajectories)\n", fidelity_table(args)]
+    for name, fn in [("training", lambda p: training_plot(args, p)), ("budget", lambda p: budget_plot(args, evals, p))]:
+        path = f"{args.out}_{name}.png"
+        if fn(path):
+            md.append(f"\n![{name}]({os.path.basename(path)})\n")
+    md.append(f"\nMade by `python scripts/results.py {' '.join(args.runs)} --out {args.out}`.\n")
+    open(f"{args.out}.md", "w").write("".join(md))
+    print("".join(md))
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
