@@ -55,7 +55,7 @@ else
     step bench_grpo 60 bash -c "cd '$OUT' && PYTHONPATH='$ROOT' '$PY' -m kernels.grpo" || FAIL=1
     step smoke_sft 80 $PY train_policy.py sft --preset gpu --run-dir "$RUN" --num-steps 300 || FAIL=1
     step smoke_train_wm 120 $PY train_wm.py --preset gpu --run-dir "$RUN" --explore-per-level 20 --codec-steps 200 \
-        --wm-steps 300 --wm-finetune-steps 50 --reward-steps 200 --heldout-groups 4 --val-per-task 8 || FAIL=1
+        --wm-steps 300 --wm-finetune-steps 50 --reward-steps 200 --heldout-groups 4 || FAIL=1
     step smoke_wmpo 60 $PY train_policy.py wmpo --preset gpu --run-dir "$RUN" --iterations 2 || FAIL=1
 fi
 echo "gpu_check: $([ $FAIL = 0 ] && echo all steps ok || echo some steps failed), see $SUMMARY"

@@ -60,7 +60,7 @@ def test_eval_writes_valid_json(run_dir):
 
 def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     run("train_wm.py", "--run-dir", run_dir, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
-        "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
+        "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
         "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
         "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
                "--reward-replays", "2")
@@ -79,13 +79,24 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     assert os.path.exists(os.path.join(run_dir, "videos", "wm_pushcube-v0.gif"))
     for f in ["wm.safetensors", "reward.safetensors", "codec.safetensors"]:
         assert os.path.exists(os.path.join(run_dir, f))
+    # the real budget P = 6 (2 per task) pays for every policy trajectory that trains or chooses: 1 alignment + 1
+    # validation rollout per task, counted in the files the real env wrote, not only in budget.json
+    budget = json.load(open(os.path.join(run_dir, "budget.json")))
+    paid = [e for p in ("rollouts", "val") for t in ("reach", "pushcube", "pushtwo")
+            for e in envs.load_dir(os.path.join(run_dir, "data"), f"{p}-{t}-v0")]
+    assert budget["real_trajectories"] == len(paid) == 6 and budget["rollouts"] == budget["val"] == 3
+    assert {e["seed"] for e in paid} <= {s for t in envs.TASKS for p in ("rollouts", "val") for s in envs.seeds(p, t, 10)}
     run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1",
-        "--grpo.states-per-task", "1", "--grpo.group-size", "2")
+        "--grpo.states-per-task", "1", "--grpo.group-size", "2", "--val-episodes", "1")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "wmpo.metrics.jsonl"))]
     assert "wmpo/imagined_success" in rows[-1] and "wmpo/kept_group_frac" in rows[-1]
+    assert [r["step"] for r in rows if "val/real_success" in r] == [-1, 0]  # real check before and after
+    # WMPO drew no new real trajectory: its initial states are the alignment rollouts' first frames
+    assert len([e for p in ("rollouts", "val") for t in ("reach", "pushcube", "pushtwo")
+                for e in envs.load_dir(os.path.join(run_dir, "data"), f"{p}-{t}-v0")]) == 6
     assert os.path.exists(os.path.join(run_dir, "policy_wmpo.safetensors"))
     run("train_policy.py", "grpo-real", "--run-dir", run_dir, "--budget", "12", "--states-per-task-real", "1",
-        "--grpo.group-size", "2", "--iterations", "5")
+        "--grpo.group-size", "2", "--iterations", "5", "--val-every", "0")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "grpo_real.metrics.jsonl"))]
     assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
 
@@ -190,12 +201,12 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544"]
     env = {"OMP_NUM_THREADS": "1", **os.environ}
     wm_args = ["train_wm.py", "--run-dir", d, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
-               "--val-per-task", "2", "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
+               "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
                "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
                "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
                "--reward-replays", "2"]
     for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2",
-                           "--grpo.states-per-task", "1", "--grpo.group-size", "2"]):
+                           "--grpo.states-per-task", "1", "--grpo.group-size", "2", "--val-every", "0"]):
         out = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(l) for l in open(os.path.join(d, "wmpo.metrics.jsonl"))]
