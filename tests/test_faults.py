@@ -47,6 +47,7 @@ def fresh(demo_dir, tmp_path, name):
     return d
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(demo_dir, tmp_path):
     one, two = fresh(demo_dir, tmp_path, "one"), fresh(demo_dir, tmp_path, "two")
     run(["train_policy.py", "sft", "--run-dir", one, *TINY, "--num-steps", "4"])
@@ -60,6 +61,7 @@ def test_two_process_ddp_equals_one_process(demo_dir, tmp_path):
     assert len(losses(two)) == 4  # only rank 0 writes metrics
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_reaches_the_same_end(demo_dir, tmp_path):
     ref, killed = fresh(demo_dir, tmp_path, "ref"), fresh(demo_dir, tmp_path, "killed")
     args = [*TINY, "--num-steps", "40", "--eval-every", "5"]
@@ -88,6 +90,7 @@ def test_kill_9_then_resume_reaches_the_same_end(demo_dir, tmp_path):
         np.testing.assert_allclose(w2[k], w1[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(demo_dir, tmp_path):
     a, b = fresh(demo_dir, tmp_path, "a"), fresh(demo_dir, tmp_path, "b")
     for d in (a, b):
@@ -99,6 +102,7 @@ def snapshot(d):
     return {os.path.join(r, f): open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(d) for f in fs}
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_and_keeps_the_last_checkpoint(demo_dir, tmp_path):
     d = fresh(demo_dir, tmp_path, "nan")
     run(["train_policy.py", "sft", "--run-dir", d, *TINY, "--num-steps", "2"])
@@ -113,6 +117,7 @@ def test_diverging_loss_stops_and_keeps_the_last_checkpoint(demo_dir, tmp_path):
             assert after[f] == before[f], f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"), ("--dart-noise", "-0.5"), ("--preset", "huge")])
 def test_out_of_range_flags(demo_dir, tmp_path, flag, value):
     d = fresh(demo_dir, tmp_path, "flags")
@@ -122,6 +127,7 @@ def test_out_of_range_flags(demo_dir, tmp_path, flag, value):
     assert snapshot(d) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_refused(demo_dir, tmp_path):
     d = fresh(demo_dir, tmp_path, "cfg")
     run(["train_policy.py", "sft", "--run-dir", d, *TINY, "--num-steps", "2"])

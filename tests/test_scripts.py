@@ -30,6 +30,7 @@ def run_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_sft_resumes_from_its_checkpoint(run_dir):
     out = run("train_policy.py", "sft", "--run-dir", run_dir, "--demos", "3", "3", "3", "--num-steps", "3",
               "--policy.width", "8", "--policy.hidden", "32")
@@ -38,6 +39,7 @@ def test_sft_resumes_from_its_checkpoint(run_dir):
     assert [r["step"] for r in rows] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_sft_writes_its_files(run_dir):
     for f in ["policy_sft.safetensors", "sft.args.json", "sft.metrics.jsonl"]:
         assert os.path.exists(os.path.join(run_dir, f)), f
@@ -46,6 +48,7 @@ def test_sft_writes_its_files(run_dir):
     assert len(rows) >= 2 and "sft/loss" in rows[0]
 
 
+@pytest.mark.slow
 def test_eval_writes_valid_json(run_dir):
     run("eval.py", "--run-dir", run_dir, "--episodes", "2", "--temperatures", "0", "1.6", "--videos", "1")
     res = json.load(open(os.path.join(run_dir, "eval.json")))
@@ -58,6 +61,7 @@ def test_eval_writes_valid_json(run_dir):
     assert os.path.exists(os.path.join(run_dir, "videos", "policy_sft-PushCube-v0.gif"))
 
 
+@pytest.mark.slow
 def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     run("train_wm.py", "--run-dir", run_dir, "--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5",
         "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
@@ -101,6 +105,7 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
 
 
+@pytest.mark.slow
 def test_train_wm_check_can_fail(tmp_path):
     # the 5-minute diagnostic, with two training steps: an untrained world model must FAIL it (exit 1)
     d = str(tmp_path / "chk")
@@ -111,6 +116,7 @@ def test_train_wm_check_can_fail(tmp_path):
     assert res["pass"] is False and res["shuffled"] > 0
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_clearly_and_touch_nothing(run_dir, tmp_path):
     out = run("eval.py", "--run-dir", run_dir, "--tasks", "wmpo/Nope-v0", ok=False)
     assert out.returncode != 0 and "unknown task id 'wmpo/Nope-v0'" in out.stderr
@@ -189,6 +195,38 @@ def test_sampled_evaluation_does_not_depend_on_what_ran_before():
     assert not set(envs.seeds("val", "wmpo/Reach-v0", 10_000)) & set(envs.seeds("eval", "wmpo/Reach-v0", 10_000))
 
 
+def test_results_script_builds_tables_and_plots_from_two_run_folders(tmp_path):
+    """Issue 16: the README's tables come from run folders, mean ± std over seeds, never typed by hand."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import results
+    import wmpo
+
+    runs = []
+    for seed, (base, wm) in enumerate([(0.2, 0.5), (0.4, 0.7)]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        res = lambda r: {t: {"success_rate": r, "ci95": [r - 0.05, r + 0.05], "episodes": 500}  # noqa: E731
+                         for t in envs.TASKS} | {"mean": {"success_rate": r, "episodes": 1500}}
+        json.dump({"policy_sft": res(base), "policy_grpo_real": res(base + 0.05), "policy_wmpo": res(wm)},
+                  open(d / "eval.json", "w"))
+        json.dump({"budget": 128, "real_trajectories": 126, "rollouts": 93, "val": 33, "heldout_not_counted": 96},
+                  open(d / "budget.json", "w"))
+        with open(d / "wmpo.metrics.jsonl", "w") as f:
+            for it in range(3):
+                f.write(json.dumps({"step": it, "wmpo/imagined_success": 0.3 + 0.1 * it, "val/real_success": 0.2}) + "\n")
+        wmpo.save(wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64)),
+                  str(d / "policy_grpo_real.safetensors"), real_trajectories=120)
+        runs.append(str(d))
+    out = str(tmp_path / "docs" / "results")
+    results.main(results.Args(runs=tuple(runs), out=out))
+    md = open(out + ".md").read()
+    assert "**30.0 ± 14.1**" in md  # base on every task: mean of 20 and 40, sample std 14.1
+    assert "**60.0 ± 14.1**" in md  # WMPO
+    assert "126 of P = 128" in md and "| GRPO-real | 120 |" in md
+    assert os.path.getsize(out + "_training.png") > 1000 and os.path.getsize(out + "_budget.png") > 1000
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     # the same scripts under torchrun (gloo on CPU): rank 0 alone writes files, the run ends cleanly on both ranks
     import shutil
@@ -214,6 +252,7 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     assert os.path.exists(os.path.join(d, "wm_report.json")) and os.path.exists(os.path.join(d, "policy_wmpo.safetensors"))
 
 
+@pytest.mark.slow
 def test_eval_generalisation_suite_writes_the_table(run_dir):
     run("eval.py", "--run-dir", run_dir, "--suite", "generalisation", "--episodes", "2", "--tasks", "wmpo/Reach-v0",
         "--videos", "0")
@@ -230,6 +269,7 @@ def test_eval_generalisation_suite_writes_the_table(run_dir):
     assert os.path.exists(os.path.join(run_dir, "eval_generalisation.md"))
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_starts_every_step(tmp_path):
     # the GPU script cannot rot unnoticed: without CUDA (or with --dry-run) every step must start and pass
     env = {**os.environ, "OUT": str(tmp_path / "gpu"), "PYTHON": sys.executable}
