@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from einops import rearrange
 from tqdm import tqdm
 
 import envs
@@ -366,15 +367,11 @@ def outcome_stats(real: np.ndarray, imag: np.ndarray, G: int) -> dict:
 
     ar = group_advantages(torch.tensor(real, dtype=torch.float32), G).numpy()
     ai = group_advantages(torch.tensor(imag, dtype=torch.float32), G).numpy()
-    mixed = np.repeat(rearrange_groups(real, G).std(1) > 0, G)  # groups where real outcomes differ
+    mixed = np.repeat(rearrange(real.astype(np.float32), "(b g) -> b g", g=G).std(1) > 0, G)  # real outcomes differ
     corr = float(np.corrcoef(ar[mixed], ai[mixed])[0, 1]) if mixed.any() and ai[mixed].std() > 0 else 0.0
     return {"agreement": float((real == imag).mean()), "advantage_correlation": corr,
             "precision": float((real & imag).sum() / max(imag.sum(), 1)), "recall": float((real & imag).sum() / max(real.sum(), 1)),
             "imagined_success_rate": float(imag.mean()), "mixed_groups": int(mixed.sum() // G)}
-
-
-def rearrange_groups(x: np.ndarray, G: int) -> np.ndarray:
-    return x.reshape(-1, G).astype(np.float32)
 
 
 def error_curves(d_ref: np.ndarray, d_hat: np.ndarray) -> np.ndarray:
@@ -613,9 +610,10 @@ def check(args):
     wm = train_world_model(args, codec, sets["explore"], [], args.batch_size)
     world = wmpo.WorldModelEnv(wm, codec, args.device)
     G = 8
-    d_r = np.stack([detect_objects(e["frames"][:9]) for e in held])
-    d_i = np.stack([detect_objects(f[:9]) for f in imagine_replay(world, held)])
-    d_s = np.stack([detect_objects(f[:9]) for f in imagine_replay(world, held, [held[(i + G) % len(held)]["actions"] for i in range(len(held))])])
+    held = [{**e, "frames": e["frames"][:9], "actions": e["actions"][:9]} for e in held]  # one chunk: h = 1..8 only
+    d_r = np.stack([detect_objects(e["frames"]) for e in held])
+    d_i = np.stack([detect_objects(f) for f in imagine_replay(world, held)])
+    d_s = np.stack([detect_objects(f) for f in imagine_replay(world, held, [held[(i + G) % len(held)]["actions"] for i in range(len(held))])])
     true, shuf = error_curves(d_r, d_i)[7, 0], error_curves(d_r, d_s)[7, 0]
     copy = error_curves(d_r, np.repeat(d_r[:, :1], 9, 1))[7, 0]
     ok = true < shuf / 3
@@ -678,7 +676,8 @@ def main(args: Args):
     replay_eps = [e for t in args.tasks for e in (lambda es: [es[i] for i in rng.permutation(len(es))[: args.reward_replays]])(
         [e for e in train_eps if e["task"] == t])]
     replay_imag = imagine_replay(imag_world, replay_eps)
-    rest = [e for e in train_eps if not any(e is r for r in replay_eps)]
+    replayed = {id(e) for e in replay_eps}
+    rest = [e for e in train_eps if id(e) not in replayed]
     val_real, val_imag = [e["frames"] for e in sets["val"]], imagine_replay(imag_world, sets["val"])
     val_succ = np.array([bool(e["success"].any()) for e in sets["val"]])
     rewards = {}

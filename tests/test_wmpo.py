@@ -219,6 +219,7 @@ def blob_position(lat):  # (t, c, h, w) -> (t, 2) row, col of channel 0's maximu
     return torch.stack([flat // 16, flat % 16], 1)
 
 
+@pytest.mark.slow
 def test_actions_move_the_pusher_after_a_short_overfit(monkeypatch):
     # different action chunks from one context must put the "pusher" in different, correct places
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # 150 training steps: the PyTorch reference, not the interpreter
