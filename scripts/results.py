@@ -19,11 +19,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import tyro
 
 
 @dataclass
 class Args:
-    runs: tuple[str, ...]
+    runs: tyro.conf.Positional[tuple[str, ...]]
     """run folders, one per training seed (each with eval.json from eval.py)"""
     out: str = "docs/results"
     """output prefix: <out>.md, <out>_training.png, <out>_budget.png"""
@@ -198,6 +199,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    import tyro
-
     main(tyro.cli(Args))
