@@ -233,10 +233,12 @@ class TabletopEnv(gym.Env):
         p = self.pusher()
         # touching another block (e.g. the one just delivered, when the stage changes): back straight off it first;
         # a detour planned from inside an obstacle's clearance runs through it and knocks it off its pad
+        touch = BLOCK_H * np.sqrt(2) + PUSHER_R  # block circumradius + pusher
         for o in [self.block(o) for o in obstacles]:
-            if np.linalg.norm(p - o) < BLOCK_H * np.sqrt(2) + PUSHER_R:
+            dist = np.linalg.norm(p - o)
+            if dist < touch:
                 self.waypoint = None
-                return toward(p, o + (p - o) / max(np.linalg.norm(p - o), 1e-6) * (BLOCK_H * np.sqrt(2) + PUSHER_R + 0.02))
+                return toward(p, o + (p - o) / max(dist, 1e-6) * (touch + 0.02))
         if self.waypoint is not None and np.linalg.norm(self.waypoint - p) > 0.01 and self.waypoint_steps < 8:
             self.waypoint_steps += 1
             return toward(p, self.waypoint)
@@ -400,15 +402,14 @@ class PushTwo(TabletopEnv):
             pts[1 + k], pts[3 + k] = bp
         while True:  # the pusher anywhere clear of the blocks and pads
             pts[0] = rng.uniform(-0.19, 0.19, 2)
-            if np.linalg.norm(pts[1:3] - pts[0], axis=1).min() >= 0.09 and np.linalg.norm(pts[3:5] - pts[0], axis=1).min() >= 0.06:
+            gaps = np.linalg.norm(pts[1:5] - pts[0], axis=1)  # to the blocks, then the pads
+            if gaps[:2].min() >= 0.09 and gaps[2:].min() >= 0.06:
                 break
-        if rng.integers(2):  # which pad colour lies in red's half: the instruction, not the layout, pairs them
+        swap = int(rng.integers(2))  # which pad colour lies in red's half: the instruction, not the layout, pairs them
+        if swap:
             pts[[3, 4]] = pts[[4, 3]]
-            pad_of = [1, 0]
-        else:
-            pad_of = [0, 1]
-        i = rng.integers(2)  # which block goes first
-        j = pad_of[i]
+        i = int(rng.integers(2))  # which block goes first
+        j = i ^ swap  # its pad: the one in its own half
         self.order = [(self.blocks[i], self.pads[j]), (self.blocks[1 - i], self.pads[1 - j])]
         (b1, p1), (b2, p2) = self.order
         text = PUSH_TWO_TEMPLATES[rng.integers(len(PUSH_TWO_TEMPLATES))].format(block=b1, pad=p1, block2=b2, pad2=p2)
@@ -441,7 +442,7 @@ def base_task(task: str) -> str:
 
 
 # Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
-SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000, "wmpo": 400_000,
+SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300_000,
              "grpo_real": 500_000, "val": 600_000, "expert": 700_000, "eval": 1_000_000}
 
 

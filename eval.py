@@ -205,7 +205,8 @@ def main(args: Args):
             key = name if temp == 0 else f"{name}@T{temp:g}"
             results[key] = {}
             for task in args.tasks:
-                eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device, args.split, args.seed, name)
+                eps = evaluate(policy, task, args.episodes, temp, args.num_envs, args.device, args.split, args.seed,
+                               name)
                 results[key][task] = summarize(eps, args.setback_cm / 100)
                 r = results[key][task]
                 print(f"{key:24s} {task:20s} success {r['success_rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"

@@ -130,7 +130,8 @@ def sft(args: SFTArgs):
         collect_demos(args, budgets)
     wmpo.barrier()
     episodes = [ep for ep in collect_demos(args, budgets) if ep["success"][-1]]  # clone successes only
-    frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins, wmpo.VOCAB)  # a new policy's words
+    # a new policy's words: today's vocabulary (the checkpoint then keeps it)
+    frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins, wmpo.VOCAB)
     print(f"SFT on {len(episodes)} demos, {len(frames)} (frame, chunk) pairs, {num_steps} steps")
 
     policy = wmpo.VLA(args.policy).to(args.device)
@@ -356,7 +357,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
         print(f"resuming {name} from iteration {start}")
 
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
-        wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args.tasks, args.val_episodes, args.device)})
+        start_val = val_success(policy.eval(), args.tasks, args.val_episodes, args.device)
+        wmpo.log_metrics(args.run_dir, name, {"step": -1, **start_val})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
         if real and used + world * len(worlds) * B * G > args.budget:
@@ -425,7 +427,8 @@ def lifelong(args: WMPOArgs):
         policy = grpo_loop(args, real=False).eval()
         res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
         history.append({"round": r, "checkpoint": args.out, "real_trajectories": args.budget * (r + 1), **res})
-        print(f"round {r}: val real success {res['val/real_success']:.1%} ({args.val_episodes} greedy episodes per task)")
+        print(f"round {r}: val real success {res['val/real_success']:.1%} "
+              f"({args.val_episodes} greedy episodes per task)")
         wmpo.log_metrics(args.run_dir, "lifelong", history[-1])
 
 

@@ -613,7 +613,8 @@ def check(args):
     held = [{**e, "frames": e["frames"][:9], "actions": e["actions"][:9]} for e in held]  # one chunk: h = 1..8 only
     d_r = np.stack([detect_objects(e["frames"]) for e in held])
     d_i = np.stack([detect_objects(f) for f in imagine_replay(world, held)])
-    d_s = np.stack([detect_objects(f) for f in imagine_replay(world, held, [held[(i + G) % len(held)]["actions"] for i in range(len(held))])])
+    shuffled = [held[(i + G) % len(held)]["actions"] for i in range(len(held))]  # another group's actions
+    d_s = np.stack([detect_objects(f) for f in imagine_replay(world, held, shuffled)])
     true, shuf = error_curves(d_r, d_i)[7, 0], error_curves(d_r, d_s)[7, 0]
     copy = error_curves(d_r, np.repeat(d_r[:, :1], 9, 1))[7, 0]
     ok = true < shuf / 3
@@ -663,7 +664,8 @@ def main(args: Args):
               "heldout_not_counted": len(sets["heldout"])}  # measurement only: the fidelity report, like eval.py
     assert budget["real_trajectories"] <= args.budget, budget
     if rank == 0:
-        wmpo.atomic_write(os.path.join(args.run_dir, "budget.json"), lambda tmp: open(tmp, "w").write(json.dumps(budget, indent=1)))
+        data = json.dumps(budget, indent=1)
+        wmpo.atomic_write(os.path.join(args.run_dir, "budget.json"), lambda tmp: open(tmp, "w").write(data))
 
     # -- 1. frame codec, 2. world model --
     codec = train_codec(args, torch.from_numpy(np.concatenate([e["frames"] for e in train_eps])), world)

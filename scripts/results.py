@@ -70,15 +70,16 @@ def headline(args: Args, evals: dict) -> str:
     if not cols:
         return "(no run has eval.json entries for the requested checkpoints)\n"
     tasks = [t for t in next(iter(evals.values()))[cols[0]] if t != "mean" and not t.startswith("generalisation")]
-    lines = [f"| task | " + " | ".join(LABELS.get(c.split("@")[0], c) + (" T=1" if "@" in c else "") for c in cols) + " |",
+    names = [LABELS.get(c.split("@")[0], c) + (" T=1" if "@" in c else "") for c in cols]
+    lines = ["| task | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(cols)]
     for task in tasks + ["mean"]:
         row = []
         for c in cols:
             rates = [e[c][task]["success_rate"] for e in evals.values()]
             seeds = ", ".join(
-                f"{100 * e[c][task]['success_rate']:.1f} [{100 * e[c][task]['ci95'][0]:.0f}, {100 * e[c][task]['ci95'][1]:.0f}]"
-                for e in evals.values()) if task != "mean" else ""
+                f"{100 * r['success_rate']:.1f} [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
+                for r in (e[c][task] for e in evals.values())) if task != "mean" else ""
             row.append(f"**{cell(rates)}**" + (f"<br>{seeds}" if seeds and len(evals) > 1 else
                                                (f" [{seeds.split('[')[1]}" if seeds else "")))
         lines.append(f"| {task.split('/')[-1]} | " + " | ".join(row) + " |")
@@ -154,7 +155,8 @@ def budget_plot(args: Args, evals: dict, path: str) -> bool:
         for ckpt, res in e.items():
             if "@" in ckpt or "mean" not in res:
                 continue
-            kind = "WMPO" if ckpt.startswith("policy_wmpo") else "GRPO-real" if ckpt.startswith("policy_grpo_real") else None
+            kind = ("WMPO" if ckpt.startswith("policy_wmpo") else
+                    "GRPO-real" if ckpt.startswith("policy_grpo_real") else None)
             n = real_trajectories(run, ckpt) if kind else None
             if n is not None:
                 pts[kind].append((n, res["mean"]["success_rate"]))
