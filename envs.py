@@ -681,6 +681,32 @@ def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronou
     return episodes
 
 
+def collect_cached(path: str, task: str, act, seeds: list[int], desc: str = "", full_horizon: bool = False,
+                   **meta) -> list[dict]:
+    """Episodes from `path` if a previous run wrote it (same task, policy and seeds), else collect and save them:
+    a killed run re-collects nothing, and the real-trajectory budget is paid once."""
+    if os.path.exists(path):
+        return load_episodes(path)
+    eps = collect(task, act, seeds, desc=desc, full_horizon=full_horizon)
+    save_episodes(path, eps, full_horizon=full_horizon, **meta)
+    return eps
+
+
+def task_name(task: str) -> str:
+    """'wmpo/PushCube-v0' -> 'pushcube-v0', the stem of its data files."""
+    return task.split("/")[1].lower()
+
+
+def block_motion(ep: dict) -> np.ndarray:
+    """Frame indices t where some block moves between frames t and t+1 by > 1 mm (contact happens there)."""
+    names = object_layout(ep["task"])[0]
+    rows = [i for i, n in enumerate(names) if n.startswith("block_")]
+    if not rows:
+        return np.zeros(0, np.int64)
+    step = np.linalg.norm(np.diff(ep["object_pos"][:, rows], axis=0), axis=-1).max(-1)
+    return np.flatnonzero(step > 1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # `python envs.py`: expert success per task and env steps/s (a benchmark, not a test)
 

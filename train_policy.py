@@ -7,7 +7,10 @@
 All three read and write one run folder (--run-dir, default runs/demo); see ../shared/INTERFACE.md.
 """
 
+import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -100,20 +103,8 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
     return episodes
 
 
-def check_flags(args, positive=(), non_negative=()):
-    """Out-of-range flags stop the run before any work, with one line naming the flag."""
-    if args.preset not in SFT_PRESETS:
-        raise SystemExit(f"error: --preset must be one of {', '.join(SFT_PRESETS)}, got {args.preset!r}")
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-
-
 def sft(args: SFTArgs):
-    check_flags(args, positive=("batch_size", "lr", "eval_every"), non_negative=("dart_noise", "augment_px", "weight_decay"))
+    wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"), non_negative=("dart_noise", "augment_px", "weight_decay"))
     preset = SFT_PRESETS[args.preset]
     budgets = args.demos or preset["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else preset["num_steps"]
@@ -137,20 +128,16 @@ def sft(args: SFTArgs):
     policy = wmpo.VLA(args.policy).to(args.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ckpt = os.path.join(args.run_dir, "policy_sft.safetensors")
-    start = 0
-    state = wmpo.load_train_state(ckpt.replace(".safetensors", ".train.pt"))
-    if state is not None and os.path.exists(ckpt):  # resume: same command picks up where it stopped
-        policy.load_state_dict(wmpo.load_same(ckpt, args.policy, expect="VLA").state_dict())
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+    state = wmpo.resume(ckpt, policy, opt, expect="VLA")  # the same command picks up where it stopped
+    start = state["step"] if state else 0
+    if start:
         print(f"resuming SFT from step {start}")
 
     net = wmpo.wrap_ddp(policy)  # the policy itself in one process
     bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
         t0 = time.time()
-        lr = float(args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / num_steps)))  # warmup + cosine
+        lr = wmpo.lr_at(step, num_steps, args.lr)  # 100 warm-up steps, cosine to 0
         for g in opt.param_groups:
             g["lr"] = lr
         # the global batch is a function of (seed, step) alone: every rank draws the same one and keeps its slice,
@@ -207,8 +194,8 @@ class WMPOArgs:
     iterations: int = -1
     """GRPO iterations (-1: preset); grpo-real stops earlier when the real budget is spent"""
     rounds: int = 1
-    """lifelong rounds: after each, collect --budget new real rollouts of the current policy, refresh the world and
-    reward models on all real data so far, run WMPO again (1 = plain WMPO)"""
+    """lifelong rounds: after each, `train_wm.py --round r` collects --budget new real rollouts of the current policy
+    and refreshes the world and reward models on all real data so far; then WMPO runs again (1 = plain WMPO)"""
     budget: int = 128
     """P: real trajectories per lifelong round (wmpo) / in total (grpo-real)"""
     val_every: int = 5
@@ -216,10 +203,10 @@ class WMPOArgs:
     success: the reward-hacking check (monitoring only; nothing is chosen on it; 0: never)"""
     val_episodes: int = 50
     """real episodes per task for that check (and after each lifelong round)"""
-    refresh_wm_steps: int = -1
-    """world-model fine-tuning steps per lifelong round (-1: train_wm's preset wm_finetune_steps)"""
-    refresh_reward_steps: int = -1
-    """reward-model fine-tuning steps per lifelong round (-1: a third of train_wm's preset reward_steps)"""
+    world_model: str = "wm"
+    """world-model checkpoint imagined in (lifelong round r uses wm.round<r>, written by train_wm.py --round r)"""
+    reward_model: str = "reward"
+    """reward-model checkpoint that judges imagined rollouts (round r: reward.round<r>)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
@@ -233,57 +220,30 @@ class GRPORealArgs(WMPOArgs):
 WMPO_PRESETS = {"tiny": 15, "small": 60, "gpu": 200}
 
 
-class TaskWorld:
-    """What one iteration needs to roll out and judge a task: a world (WM env or real env) and a judge."""
+def rollout(policy, world, horizon: int, B: int, G: int, temperature: float) -> dict:
+    """B initial states x G samples in `world` (imagined or real: the same interface), judged by the world itself
+    (the reward model or the simulator). Returns per-trajectory tensors."""
+    K, E = policy.cfg.chunk, policy.cfg.execute
+    n_chunks = -(-horizon // E)  # enough chunks to reach the task's horizon (E actions of each run)
+    frames0, instr = world.start(B, G)
+    obs, tokens, frames = wmpo.imagine(policy, world, frames0, instr, n_chunks, temperature)
+    # imagination is never easier than reality: frames past the task's horizon do not count (the real env has
+    # stopped there), and a trajectory without success is judged on all its `horizon` actions
+    valid = torch.arange(frames.shape[1]) <= horizon
+    success, first = wmpo.detect_success(world.judge(frames).float(), 0.5, valid[None].expand(len(frames), -1))
+    finish = torch.where(success, first, torch.full_like(first, horizon))
+    return {"obs": obs, "tokens": tokens, "words": policy.text.tokenize(instr).cpu(), "success": success, "finish": finish,
+            "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E), "frames": frames}
 
-    def __init__(self, task, args, wm=None, codec=None, reward=None, real=False):
-        self.task, self.real, self.args = task, real, args
-        self.wm, self.codec, self.reward = wm, codec, reward
-        self.horizon = envs.make(task).unwrapped.horizon
-        if not real:  # initial states: the first frames of the real alignment rollouts train_wm.py collected, so WMPO
-            # draws nothing more from the real env than the budget P already counts (train_wm.py writes budget.json)
-            name = task.split("/")[1].lower()
-            eps = envs.load_dir(os.path.join(args.run_dir, "data"), f"rollouts-{name}")
-            if not eps:
-                raise SystemExit(f"error: no real rollouts of {task} in {args.run_dir}/data; make them with: "
-                                 f"python train_wm.py --run-dir {args.run_dir}")
-            self.pool_frames = torch.from_numpy(np.stack([e["frames"][0] for e in eps]))
-            self.pool_instr = [e["instruction"] for e in eps]
-        self.next_real_seed = 0
 
-    def rollout(self, policy, B, G, temperature, device):
-        """B initial states x G samples -> trajectories, judged. Returns a dict of per-trajectory tensors."""
-        K, E = policy.cfg.chunk, policy.cfg.execute
-        n_chunks = -(-self.horizon // E)  # enough chunks to reach the task's horizon (E actions of each run)
-        if self.real:
-            rank, world = wmpo.dist_init()  # ranks take disjoint seeds: every real trajectory is a new one
-            seeds = envs.seeds("grpo_real", self.task, B, start=self.next_real_seed + rank * B)
-            self.next_real_seed += world * B
-            world = wmpo.RealChunkEnv(self.task, B * G)
-            frames0 = world.reset([s for s in seeds for _ in range(G)])
-            instr = world.instructions
-        else:
-            idx = torch.randint(len(self.pool_frames), (B,))
-            frames0 = self.pool_frames[idx].repeat_interleave(G, 0)
-            instr = [self.pool_instr[i] for i in idx.tolist() for _ in range(G)]
-            world = wmpo.WorldModelEnv(self.wm, self.codec, device)
-            world.reset(frames0, instr)
-        obs, tokens, frames = wmpo.imagine(policy, world, frames0, instr, n_chunks, temperature)
-        # imagination is never easier than reality: frames past the task's horizon do not count (the real env has
-        # stopped there), and a trajectory without success is judged on all its `horizon` actions
-        valid = torch.arange(frames.shape[1]) <= self.horizon
-        if self.real:
-            hit = world.success & valid  # the simulator's verdict per frame
-            world.close()
-        else:
-            with torch.no_grad():
-                probs = self.reward(frames.to(device), self.reward.text.tokenize(instr)).cpu()
-            hit = probs >= self.reward.cfg.threshold
-        success, first = wmpo.detect_success(hit.float(), 0.5, valid[None].expand_as(hit))
-        finish = torch.where(success, first, torch.full_like(first, self.horizon))
-        words = policy.text.tokenize(instr).cpu()
-        return {"obs": obs, "tokens": tokens, "words": words, "success": success, "finish": finish,
-                "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E), "frames": frames}
+def first_frames(run_dir: str, task: str):
+    """WMPO's initial states: the first frames of the real rollouts train_wm.py collected (all rounds so far), so
+    imagination draws nothing more from the real env than the budget P already counts (budget.json)."""
+    eps = envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{envs.task_name(task)}")
+    if not eps:
+        raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
+                         f"python train_wm.py --run-dir {run_dir}")
+    return torch.from_numpy(np.stack([e["frames"][0] for e in eps])), [e["instruction"] for e in eps]
 
 
 def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
@@ -316,16 +276,11 @@ def grpo_loop(args: WMPOArgs, real: bool):
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
     for t in args.tasks:
         envs.make(t).close()
-    for k in ["budget", "rounds"]:
-        if not getattr(args, k) > 0:
-            raise SystemExit(f"error: --{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    if args.grpo.group_size < 2 or args.grpo.states_per_task < 1 or not args.grpo.lr > 0 or args.grpo.temperature < 0:
-        raise SystemExit("error: --grpo.group-size must be >= 2, --grpo.states-per-task >= 1, --grpo.lr > 0 and "
-                         f"--grpo.temperature >= 0 (got {args.grpo.group_size}, {args.grpo.states_per_task}, "
-                         f"{args.grpo.lr}, {args.grpo.temperature})")
+    wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"], non_negative=["grpo.temperature", "val_every"],
+                     at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
     # local) and GRPO averages gradients over ranks: N processes = an N times larger batch per iteration
-    rank, world = wmpo.dist_init()
+    rank, world_size = wmpo.dist_init()
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     name = "grpo_real" if real else "wmpo"
@@ -334,56 +289,57 @@ def grpo_loop(args: WMPOArgs, real: bool):
     init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
                              f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(init_path, args.device, expect="VLA")
-    wm = codec = reward = None
-    if not real:
-        make = f"python train_wm.py --run-dir {args.run_dir}"
-        codec = wmpo.load(wmpo.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device, expect="FrameCodec").eval()
-        wm = wmpo.load(wmpo.require(os.path.join(args.run_dir, "wm.safetensors"), make), args.device, expect="WorldModel").eval()
-        reward = wmpo.load(wmpo.require(os.path.join(args.run_dir, "reward.safetensors"), make), args.device, expect="RewardModel").eval()
-    worlds = [TaskWorld(t, args, wm, codec, reward, real) for t in args.tasks]
     G = args.grpo.group_size
     B = args.states_per_task_real if real else args.grpo.states_per_task
+    if real:
+        worlds = [wmpo.RealChunkEnv(t, B * G) for t in args.tasks]
+    else:
+        make = f"python train_wm.py --run-dir {args.run_dir}"
+        get = lambda f, kind: wmpo.load(wmpo.require(os.path.join(args.run_dir, f"{f}.safetensors"), make),  # noqa: E731
+                                        args.device, expect=kind).eval()
+        codec, wm, reward = get("codec", "FrameCodec"), get(args.world_model, "WorldModel"), get(args.reward_model, "RewardModel")
+        worlds = [wmpo.WorldModelEnv(wm, codec, args.device, reward, first_frames(args.run_dir, t)) for t in args.tasks]
+    horizons = [envs.make(t).unwrapped.horizon for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
     out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
-    state_path = out_path.replace(".safetensors", ".train.pt")
-    start, used = 0, 0
-    state = wmpo.load_train_state(state_path)
-    if state is not None and os.path.exists(out_path):
-        policy.load_state_dict(wmpo.load(out_path, expect="VLA").state_dict())
-        opt.load_state_dict(state["optimizer"])
-        start, used = state["step"], state.get("real_trajectories", 0)
-        for w in worlds:
-            w.next_real_seed = state.get("next_real_seed", 0)
+    state = wmpo.resume(out_path, policy, opt, expect="VLA")
+    start, used_before = (state["step"], state.get("real_trajectories", 0)) if state else (0, 0)
+    for w in worlds:  # the real env goes on with fresh seeds after a resume
+        w.next_seed = state.get("next_real_seed", 0) if state else 0
+    if start:
         print(f"resuming {name} from iteration {start}")
+    used = used_before
+    per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
 
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
         start_val = val_success(policy.eval(), args.tasks, args.val_episodes, args.device)
         wmpo.log_metrics(args.run_dir, name, {"step": -1, **start_val})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
-        if real and used + world * len(worlds) * B * G > args.budget:
+        if used + per_iteration > args.budget:
             print(f"real budget spent: {used} of P = {args.budget} trajectories used")
             break
         t0 = time.time()
         policy.eval()
         rows, logs, n_traj, kept_groups, total_groups = [], {}, 0, 0, 0
-        for attempt in range(1 + args.grpo.resample_rounds):
-            for w in worlds:
-                tr = w.rollout(policy, B, G, args.grpo.temperature, args.device)
+        for attempt in range(1 + (0 if real else args.grpo.resample_rounds)):
+            for w, task, horizon in zip(worlds, args.tasks, horizons):
+                tr = rollout(policy, w, horizon, B, G, args.grpo.temperature)
                 adv, stats = group_advantages(tr["success"].float(), G, return_stats=True)
                 keep = stats["keep"].repeat_interleave(G)
                 rows.append(flatten_rows(tr, adv, keep))
-                logs[f"wmpo/success/{w.task}"] = tr["success"].float().mean().item()
+                logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
                 n_traj += len(tr["success"])
                 kept_groups += int(stats["keep"].sum())
                 total_groups += len(stats["keep"])
             # dynamic sampling: roll out more only when under half the groups carry a learning signal
-            if real or kept_groups * 2 >= total_groups:
+            if kept_groups * 2 >= total_groups:
                 break
-        used += int(wmpo.all_sum(torch.tensor(n_traj)).item()) if real else 0  # the budget counts every rank's
+        # the budget counts every real reset of every rank (none in imagination)
+        used = used_before + int(wmpo.all_sum(torch.tensor(sum(w.real_trajectories for w in worlds))).item())
         t_roll = time.time() - t0
         batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-        if world > 1 and kept_groups == 0:  # this rank's groups are all dropped, but it must join the gradient
+        if world_size > 1 and kept_groups == 0:  # this rank's groups are all dropped, but it must join the gradient
             batch["adv"] = torch.zeros_like(batch["adv"])  # all-reduce of the others: its rows add zero gradient
             batch["mask"] = torch.ones_like(batch["mask"])
         policy.train()
@@ -391,7 +347,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
         logs.update({
             "step": it, "wmpo/imagined_success" if not real else "grpo/real_success":
-                float(np.mean([logs[f"wmpo/success/{w.task}"] for w in worlds])),
+                float(np.mean([logs[f"wmpo/success/{t}"] for t in args.tasks])),
             "wmpo/kept_group_frac": kept_groups / max(total_groups, 1),
             "wmpo/trajectories_per_s": n_traj / max(t_roll, 1e-6),
             "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t0 - t_roll, 1e-6),
@@ -404,69 +360,51 @@ def grpo_loop(args: WMPOArgs, real: bool):
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
                             kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
             wmpo.save(policy, out_path, it + 1, real_trajectories=used)
-            wmpo.save_train_state(state_path, opt, it + 1, real_trajectories=used,
-                                  next_real_seed=worlds[0].next_real_seed)
+            wmpo.save_train_state(out_path.replace(".safetensors", ".train.pt"), opt, it + 1, real_trajectories=used,
+                                  next_real_seed=getattr(worlds[0], "next_seed", 0))
+    for w in worlds:
+        getattr(w, "close", lambda: None)()
     wmpo.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
     return policy
 
 
-def lifelong(args: WMPOArgs):
-    """Round 1 is plain WMPO; every later round collects P real rollouts of the current policy, re-aligns the world and
-    reward models on all real data so far, and runs WMPO again from the current policy."""
-    import train_wm
+# round-0 flags of train_wm.py that a lifelong refresh repeats (model sizes come from the checkpoints themselves)
+REFRESH_FLAGS = ["explore_noise", "explore_per_level", "heldout_groups", "group_size", "val_share", "codec_steps",
+                 "wm_steps", "wm_finetune_steps", "reward_steps", "batch_size", "lr", "motion_windows", "reward_imagined",
+                 "reward_replays", "eval_every", "rollout_temperature"]
 
+
+def lifelong(args: WMPOArgs):
+    """Round 0 is plain WMPO. Round r >= 1: `train_wm.py --round r` collects P real rollouts of the current policy
+    and re-aligns round r-1's world and reward models on all real data so far (the same code and flags as round
+    0, read from train_wm.args.json); then WMPO runs again from the current policy in the refreshed models. Each
+    round writes its own files (wm.round<r>, reward.round<r>, wm_report.round<r>, policy_wmpo_r<r>)."""
+    wm_args = json.load(open(wmpo.require(os.path.join(args.run_dir, "train_wm.args.json"),
+                                          f"python train_wm.py --run-dir {args.run_dir}")))
     base_out = args.out
-    history = []
+    rank, _ = wmpo.dist_init()
     for r in range(args.rounds):
         if r > 0:
-            prev = os.path.join(args.run_dir, f"{base_out}_r{r - 1}.safetensors" if r > 1 else f"{base_out}.safetensors")
-            refresh_models(args, prev, r, train_wm)
-            args.init = os.path.basename(prev).replace(".safetensors", "")
+            args.init = base_out if r == 1 else f"{base_out}_r{r - 1}"
+            cmd = [sys.executable, "train_wm.py", "--run-dir", args.run_dir, "--round", str(r), "--policy", args.init,
+                   "--budget", str(args.budget), "--seed", str(args.seed), "--device", args.device, "--tasks", *args.tasks]
+            for k in REFRESH_FLAGS:
+                v = wm_args[k]
+                cmd += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
+            if rank == 0:  # one process refreshes the models; the others wait for its files
+                print(f"round {r}: {' '.join(cmd)}")
+                subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            wmpo.barrier()
+            args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
         res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
-        history.append({"round": r, "checkpoint": args.out, "real_trajectories": args.budget * (r + 1), **res})
-        print(f"round {r}: val real success {res['val/real_success']:.1%} "
-              f"({args.val_episodes} greedy episodes per task)")
-        wmpo.log_metrics(args.run_dir, "lifelong", history[-1])
-
-
-def refresh_models(args: WMPOArgs, policy_path: str, r: int, train_wm):
-    """Collect P rollouts of the current policy, fine-tune the world model and the reward model on all real data."""
-    policy = wmpo.load(policy_path, args.device, expect="VLA").eval()
-    wargs = train_wm.Args(run_dir=args.run_dir, device=args.device, tasks=args.tasks, budget=args.budget,
-                          rollout_temperature=args.grpo.temperature)
-    for k, v in train_wm.PRESETS[args.preset].items():
-        setattr(wargs, k, v)
-    data_dir = os.path.join(args.run_dir, "data")
-    act = wmpo.policy_fn(policy, args.grpo.temperature, args.device)
-    per_task = max(1, args.budget // len(args.tasks))
-    for task in args.tasks:
-        name = train_wm.task_name(task)
-        train_wm.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{per_task}-round{r}.safetensors"), task, act,
-                                envs.seeds("rollouts", task, per_task, start=1000 * r), f"round {r} rollouts {name}",
-                                policy=os.path.basename(policy_path), temperature=args.grpo.temperature)
-    codec = wmpo.load(os.path.join(args.run_dir, "codec.safetensors"), args.device).eval()
-    all_real = [e for t in args.tasks for e in envs.load_dir(data_dir, f"rollouts-{train_wm.task_name(t)}")]
-    everything = all_real + [e for t in args.tasks for p in ("demos", "explore") for e in envs.load_dir(data_dir, f"{p}-{train_wm.task_name(t)}")]
-    with torch.no_grad():
-        z_pol = [codec.encode(torch.from_numpy(e["frames"]).to(args.device)) for e in all_real]
-    a_pol = [torch.from_numpy(e["actions"]).to(args.device) for e in all_real]
-    wm = wmpo.load(os.path.join(args.run_dir, "wm.safetensors"), args.device)
-    windows = train_wm.Windows(z_pol, a_pol, all_real, wm.cfg.context, wm.cfg.chunk, wargs.motion_windows)
-    steps = args.refresh_wm_steps if args.refresh_wm_steps >= 0 else wargs.wm_finetune_steps
-    reward_steps = args.refresh_reward_steps if args.refresh_reward_steps >= 0 else wargs.reward_steps // 3
-    wm = train_wm.train_loop(wm, f"wm_round{r}", wargs, steps, lambda net, step: net(*windows.sample(wargs.batch_size), 8),
-                             wargs.lr * 0.3, f"wm-round{r}")
-    wmpo.save(wm, os.path.join(args.run_dir, "wm.safetensors"), steps)
-    reward = wmpo.load(os.path.join(args.run_dir, "reward.safetensors"), args.device)
-    reward = train_wm.train_loop(reward, f"reward_round{r}", wargs, reward_steps,
-                                 lambda net, step: net(*train_wm.clip_batch(everything, [], codec, reward.cfg.clip,
-                                                                            4 * wargs.batch_size, args.device, 0.0,
-                                                                            reward.text.words)),
-                                 wargs.lr * 0.3, f"reward-round{r}")
-    wmpo.save(reward, os.path.join(args.run_dir, "reward.safetensors"), reward_steps)
+        row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,
+               "real_trajectories": args.budget * (r + 1), **res}
+        print(f"round {r}: val real success {res['val/real_success']:.1%} ({args.val_episodes} greedy episodes per task)")
+        if rank == 0:
+            wmpo.log_metrics(args.run_dir, "lifelong", row)
 
 
 if __name__ == "__main__":

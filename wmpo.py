@@ -20,13 +20,16 @@ Frames are uint8 [0, 255] in data and float [-1, 1] in models.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (before any MuJoCo renderer: see envs.py)
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from tqdm import tqdm
 
 # Denormal floats (|x| < 1e-38) make CPU convolutions 10-50x slower; gradients of near-constant latents produce them
 # (measured: 2.6 s vs 0.2 s per world-model step on a one-blob latent). Flushing them to zero changes no result.
@@ -555,13 +558,28 @@ class WorldModel(nn.Module):
 
 
 class WorldModelEnv:
-    """The world model as a batched env with the real chunk env's interface: reset(frames, instructions) and
-    step(action chunks (b, K, a)) -> frames uint8 (b, K, h, w, c). Generated frames are decoded, quantised to uint8
-    (what the policy sees) and re-encoded as the next context, keeping the context on the codec's data manifold."""
+    """The world model as a batched env, with the real env's interface (RealChunkEnv): start / reset, step, judge.
 
-    def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu"):
-        self.wm, self.codec, self.device = wm, codec, device
+    reset(frames, instructions) starts from given real frames; step(action chunks (b, K, a)) -> frames uint8
+    (b, K, h, w, c). Generated frames are decoded, quantised to uint8 (what the policy sees) and re-encoded as the next
+    context, keeping the context on the codec's data manifold. For GRPO, `starts` (real first frames uint8
+    (n, h, w, c) and their instructions) is the pool start() draws initial states from, and judge() scores a
+    trajectory's frames with the reward model: GRPO runs the same code in imagination and in the real env."""
+
+    real_trajectories = 0  # imagination draws nothing from the real env: the budget P counts none of it
+
+    def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu", reward=None, starts=None):
+        self.wm, self.codec, self.device, self.reward = wm, codec, device, reward
         self.chunk = wm.cfg.chunk
+        self.starts = starts
+
+    def start(self, B: int, G: int):
+        """B initial states drawn from the pool, each G times (consecutive rows form a group) -> (frames, instructions)."""
+        frames, instr = self.starts
+        idx = torch.randint(len(frames), (B,))
+        frames0 = frames[idx].repeat_interleave(G, 0)
+        instructions = [instr[i] for i in idx.tolist() for _ in range(G)]
+        return self.reset(frames0, instructions), instructions
 
     @torch.no_grad()
     def reset(self, frames: torch.Tensor, instructions: list[str]):
@@ -586,6 +604,13 @@ class WorldModelEnv:
         self.ctx_actions = torch.cat([self.ctx_actions, actions], 1)[:, -(C - 1) :]
         return frames
 
+    @torch.no_grad()
+    def judge(self, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame success (b, t) bool of this episode's frames uint8 (b, t, h, w, c): the reward model's clip
+        probability over its threshold (chosen on validation episodes by train_wm.py)."""
+        probs = self.reward(frames.to(self.device), self.reward.text.tokenize(self.instructions)).cpu()
+        return probs >= self.reward.cfg.threshold
+
 
 def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
     """The trained world model of a run folder as an env: reset(frames uint8 (b, 64, 64, 3), instructions), then
@@ -597,19 +622,32 @@ def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
 
 
 class RealChunkEnv:
-    """Real vectorised envs behind the same interface as WorldModelEnv: step(action chunks) -> 8 frames each,
-    plus per-step success from the simulator. Finished envs repeat their last frame (as the WM keeps imagining)."""
+    """Real vectorised envs behind the world model's interface: start / reset, step(action chunks) -> K frames each,
+    judge() -> the simulator's per-frame success. Finished envs repeat their last frame (as the WM keeps imagining).
+    Every reset is a real trajectory: `real_trajectories` counts them (the budget P)."""
 
     def __init__(self, task: str, num_envs: int):
         import envs
 
+        self.task = task
         self.venv = envs.make_vec(task, num_envs)
         self.num_envs = num_envs
-        self.trajectories = 0  # real trajectories used so far: the budget P counts these
+        self.real_trajectories = 0
+        self.next_seed = 0  # start() draws fresh `grpo_real` seeds from here on: every trajectory is a new one
+
+    def start(self, B: int, G: int):
+        """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
+        import envs
+
+        rank, world = dist_init()
+        seeds = envs.seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
+        self.next_seed += world * B
+        frames0 = self.reset([s for s in seeds for _ in range(G)])
+        return frames0, self.instructions
 
     def reset(self, seeds: list[int]):
         obs, info = self.venv.reset(seed=seeds)
-        self.trajectories += len(seeds)
+        self.real_trajectories += len(seeds)
         self.instructions = list(self.venv.get_attr("instruction"))
         self.done = torch.zeros(self.num_envs, dtype=torch.bool)
         self.last = torch.as_tensor(obs)
@@ -629,6 +667,10 @@ class RealChunkEnv:
             success.append(succ)
         self.success = torch.cat([self.success, torch.stack(success, 1)], 1)
         return torch.stack(frames, 1)
+
+    def judge(self, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame success (b, t) bool since the last reset: what the simulator said (the frames are its own)."""
+        return self.success[:, : frames.shape[1]]
 
     def close(self):
         self.venv.close()
@@ -714,6 +756,164 @@ def detect_success(probs: torch.Tensor, threshold: float, valid: torch.Tensor | 
     success = hit.any(1)
     first = torch.where(success, hit.float().argmax(1), torch.full_like(success, probs.shape[1] - 1, dtype=torch.long))
     return success, first
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4b. training data for the world and reward models, and the loop they train with (train_wm.py, lifelong rounds)
+
+
+class Windows:
+    """Random (C context + K future) latent windows of real episodes, with the action taken at every frame.
+
+    A window is placed by its target frame: uniform over all frames of all episodes (not over episodes: short
+    episodes would be mostly padding), or, for a `motion` fraction, a frame right after a block moved. Before an
+    episode starts the window repeats frame 0 under zero actions (how a rollout starts); past its end the last
+    frame repeats under zero actions (what the simulator shows when the pusher holds still)."""
+
+    def __init__(self, latents, actions, episodes, C, K, motion=0.0):
+        import envs
+
+        self.z, self.a, self.C, self.K, self.motion = latents, actions, C, K, motion
+        self.frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1) for i, z in enumerate(latents)])
+        moving = [np.stack([np.full(len(m), i), m + 1], 1) for i, e in enumerate(episodes) if len(m := envs.block_motion(e))]
+        self.moving = np.concatenate(moving) if moving else self.frames
+
+    def sample(self, B: int):
+        zs, acts = [], []
+        n_motion = int(round(B * self.motion))
+        for j in range(B):
+            pool = self.moving if j < n_motion else self.frames
+            i, f = pool[np.random.randint(len(pool))]
+            z, a = self.z[i], self.a[i]  # (T+1, c, h, w), (T+1, a) with a zero last row
+            T = len(z)
+            s = f - self.C - np.random.randint(self.K)  # the target lands anywhere in the future part
+            pos = np.arange(s, s + self.C + self.K)
+            idx = np.clip(pos, 0, T - 1)
+            act = torch.where(torch.from_numpy((pos >= 0) & (pos < T - 1))[:, None].to(a.device), a[idx], 0.0)
+            zs.append(z[idx])
+            acts.append(act)
+        return torch.stack(zs), torch.stack(acts)
+
+
+def clip_batch(real_eps, imag_eps, codec, L: int, B: int, device, imag_frac: float, vocab: list[str]):
+    """Balanced success clips: positives end at a success frame, negatives anywhere else. imag_frac of them are cut
+    from imagined replays (same index, the *real* label); of the real ones half are autoencoded, so the classifier
+    accepts what the codec draws. real_eps and imag_eps are parallel lists (imag_eps[i] replays real_eps[i]).
+    Instructions become word ids in `vocab`, the reward model's own word list."""
+    n_imag = int(round(B * imag_frac)) if imag_eps else 0
+    frames, words, labels, coded = [], [], [], []
+    succ = [i for i, e in enumerate(real_eps) if e["success"][-1]]
+    succ_imag = [i for i in succ if i < len(imag_eps)]
+    for j in range(B):
+        imagined = j < n_imag
+        positive = j % 2 == 0 and (succ_imag if imagined else succ)
+        pool = (succ_imag if imagined else succ) if positive else range(len(imag_eps) if imagined else len(real_eps))
+        i = pool[np.random.randint(len(pool))]
+        ep = real_eps[i]
+        T = len(ep["frames"])
+        end = T - 1 if positive else np.random.randint(0, (T - 1 if ep["success"][-1] else T))
+        idx = np.clip(np.arange(end - L + 1, end + 1), 0, T - 1)
+        frames.append(torch.from_numpy((imag_eps[i] if imagined else ep["frames"])[idx]))
+        words.append(tokenize([ep["instruction"]], vocab)[0])
+        labels.append(1 if positive else 0)
+        coded.append(not imagined and j % 4 == 1)
+    frames = torch.stack(frames).to(device)
+    with torch.no_grad():
+        m = torch.tensor(coded, device=device)
+        frames[m] = codec.to_uint8(codec.decode(codec.encode(frames[m])))
+    return frames, torch.stack(words).to(device), torch.tensor(labels, device=device)
+
+
+@torch.no_grad()
+def imagine_replay(world: WorldModelEnv, episodes, actions=None, batch=64):
+    """Replay real actions (or the given ones) in the world model from each episode's first frame: (T+1, h, w, c)."""
+    K = world.chunk
+    out = []
+    for start in tqdm(range(0, len(episodes), batch), desc="imagined replay", leave=False):
+        eps = episodes[start : start + batch]
+        acts_np = [e["actions"] for e in eps] if actions is None else actions[start : start + batch]
+        Tmax = max(len(e["frames"]) for e in eps)
+        n_chunks = (Tmax - 1 + K - 1) // K
+        acts = torch.zeros(len(eps), n_chunks * K, 2)
+        for i, a in enumerate(acts_np):
+            acts[i, : len(a) - 1] = torch.from_numpy(a[:-1])
+        first = torch.from_numpy(np.stack([e["frames"][0] for e in eps]))
+        frames = [world.reset(first, [e["instruction"] for e in eps])[:, None].cpu()]
+        for c in range(n_chunks):
+            frames.append(world.step(acts[:, c * K : (c + 1) * K]).cpu())
+        frames = torch.cat(frames, 1).numpy()
+        out += [frames[i, : len(e["frames"])] for i, e in enumerate(eps)]
+    return out
+
+
+@torch.no_grad()
+def reward_probs(reward: RewardModel, frames_list, instructions, device, batch=64):
+    """Per-frame clip success probabilities for variable-length trajectories."""
+    out = []
+    for s in range(0, len(frames_list), batch):
+        fl = frames_list[s : s + batch]
+        T = max(len(f) for f in fl)
+        pad = np.stack([np.concatenate([f, np.repeat(f[-1:], T - len(f), 0)]) for f in fl])
+        p = reward(torch.from_numpy(pad).to(device), reward.text.tokenize(instructions[s : s + batch])).cpu()
+        out += [p[i, : len(f)].numpy() for i, f in enumerate(fl)]
+    return out
+
+
+def choose_threshold(probs_list, real_success) -> float:
+    """Trajectory-level balanced accuracy (verdict: any frame over the threshold), 20 thresholds in [0.3, 0.97]."""
+    best, best_t = -1.0, 0.5
+    for t in np.linspace(0.3, 0.97, 20):
+        v = np.array([bool((p >= t).any()) for p in probs_list])
+        tpr = (v & real_success).sum() / max(real_success.sum(), 1)
+        tnr = (~v & ~real_success).sum() / max((~real_success).sum(), 1)
+        if (tpr + tnr) / 2 > best:
+            best, best_t = (tpr + tnr) / 2, float(t)
+    return best_t
+
+
+def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir: str, log_name: str, stage: str,
+        eval_every: int = 250, lr_mult=lambda step: 1.0, floor: float = 0.1) -> nn.Module:
+    """The loop of every train_wm.py stage (codec, world model, its alignment, reward models) and of the lifelong
+    refreshes: AdamW, warm-up + cosine to floor * lr, clip 1, atomic checkpoints every eval_every steps, resume
+    (weights, optimizer, RNG) under the same stage name, skip when the stage is done. SFT and GRPO keep their own
+    flat loops in train_policy.py. loss_fn(net, step) draws this rank's share of a batch and returns net(...)'s
+    (loss, logs); under torchrun net is the DistributedDataParallel wrapper. Only rank 0 writes files."""
+    rank, world = dist_init()
+    device = next(model.parameters()).device
+    state_path = path.replace(".safetensors", ".train.pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    state = load_train_state(state_path)
+    if state is not None and os.path.exists(path) and state.get("stage") == f"{stage}:done":
+        print(f"{stage}: already trained ({path})")
+        restore_rng(state)  # a resumed run goes on exactly as the uninterrupted one did after this stage
+        return load_same(path, model.cfg, device)
+    state = resume(path, model, opt) if state is not None and state.get("stage") == stage else None
+    start = state["step"] if state else 0
+    if start:
+        print(f"resuming {stage} from step {start}")
+    net = wrap_ddp(model)
+    bar = tqdm(range(start, num_steps), desc=stage, initial=start, total=num_steps, disable=rank > 0)
+    for step in bar:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, num_steps, lr * lr_mult(step), floor=floor)
+        loss, logs = loss_fn(net, step)
+        loss_all = all_sum(loss.detach()) / world
+        if not torch.isfinite(loss_all):
+            raise SystemExit(f"error: {stage} loss is {loss_all.item()} at step {step}; kept the last checkpoint {path}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logs.update(step=step, stage=stage, dt=time.time() - t0)
+        if rank == 0:
+            log_metrics(run_dir, log_name, logs)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if "/" in k})
+            if (step + 1) % eval_every == 0 or step + 1 == num_steps:
+                save(model, path, step + 1)
+                save_train_state(state_path, opt, step + 1, stage=f"{stage}:done" if step + 1 == num_steps else stage)
+    barrier()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -900,8 +1100,11 @@ def check_state(model: nn.Module, state: dict, path: str) -> None:
 
 
 def save_train_state(path: str, optimizer, step: int, **extra) -> None:
-    """Optimizer, step and RNG state for resuming, beside the weights (read with weights_only=True)."""
-    state = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(), **extra}
+    """Optimizer, step and RNG state (torch and numpy) for resuming, beside the weights (read with weights_only=True:
+    numpy's state is stored as a tensor and plain numbers)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+             "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)], **extra}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -912,6 +1115,52 @@ def load_train_state(path: str) -> dict | None:
         return torch.load(path, weights_only=True)
     except Exception as e:
         raise ValueError(f"training state {path} is corrupt ({type(e).__name__}: {e}); delete it to start over") from e
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:
+        keys, pos, has_gauss, gauss = state["numpy_rng"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def resume(path: str, model: nn.Module, optimizer, expect: str | None = None) -> dict | None:
+    """The one resume step of every training loop: if `path` and its training state (`X.train.pt`) exist, load the
+    weights (refusing another model config), the optimizer and the RNG state, and return the state (its "step" is
+    where to go on); else None (start from scratch)."""
+    state = load_train_state(path.replace(".safetensors", ".train.pt"))
+    if state is None or not os.path.exists(path):
+        return None
+    getattr(model, "module", model).load_state_dict(load_same(path, model.cfg, expect=expect).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state)
+    return state
+
+
+def lr_at(step: int, num_steps: int, peak: float, warmup: int = 100, floor: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `peak` down to floor * peak at `num_steps`. A python
+    float: a numpy one would not load back from the optimizer state with weights_only."""
+    return float(peak * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * step / num_steps))))
+
+
+def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None) -> None:
+    """Out-of-range flags stop a run before any work, with one line naming the flag (nested: --grpo.lr)."""
+    def get(name):
+        obj = args
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in positive:
+        if not get(name) > 0:
+            raise SystemExit(f"error: {flag(name)} must be > 0, got {get(name)}")
+    for name in non_negative:
+        if not get(name) >= 0:
+            raise SystemExit(f"error: {flag(name)} must be >= 0, got {get(name)}")
+    for name, low in (at_least or {}).items():
+        if not get(name) >= low:
+            raise SystemExit(f"error: {flag(name)} must be >= {low}, got {get(name)}")
 
 
 MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig), "WorldModel": (WorldModel, WorldModelConfig), "RewardModel": (RewardModel, RewardConfig)}
