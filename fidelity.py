@@ -12,9 +12,45 @@ import time
 import numpy as np
 import torch
 from einops import rearrange
+from tqdm import tqdm
 
 import envs
 import wmpo
+
+
+@torch.no_grad()
+def imagine_replay(world: wmpo.WorldModelEnv, episodes, actions=None, batch=64):
+    """Replay real actions (or the given ones) in the world model from each episode's first frame: (T+1, h, w, c)."""
+    K = world.chunk
+    out = []
+    for start in tqdm(range(0, len(episodes), batch), desc="imagined replay", leave=False):
+        eps = episodes[start : start + batch]
+        acts_np = [e["actions"] for e in eps] if actions is None else actions[start : start + batch]
+        Tmax = max(len(e["frames"]) for e in eps)
+        n_chunks = (Tmax - 1 + K - 1) // K
+        acts = torch.zeros(len(eps), n_chunks * K, 2)
+        for i, a in enumerate(acts_np):
+            acts[i, : len(a) - 1] = torch.from_numpy(a[:-1])
+        first = torch.from_numpy(np.stack([e["frames"][0] for e in eps]))
+        frames = [world.reset(first, [e["instruction"] for e in eps])[:, None].cpu()]
+        for c in range(n_chunks):
+            frames.append(world.step(acts[:, c * K : (c + 1) * K]).cpu())
+        frames = torch.cat(frames, 1).numpy()
+        out += [frames[i, : len(e["frames"])] for i, e in enumerate(eps)]
+    return out
+
+
+@torch.no_grad()
+def reward_probs(reward: wmpo.RewardModel, frames_list, instructions, device, batch=64):
+    """Per-frame clip success probabilities for variable-length trajectories."""
+    out = []
+    for s in range(0, len(frames_list), batch):
+        fl = frames_list[s : s + batch]
+        T = max(len(f) for f in fl)
+        pad = np.stack([np.concatenate([f, np.repeat(f[-1:], T - len(f), 0)]) for f in fl])
+        p = reward(torch.from_numpy(pad).to(device), reward.text.tokenize(instructions[s : s + batch])).cpu()
+        out += [p[i, : len(f)].numpy() for i, f in enumerate(fl)]
+    return out
 
 
 def detect_objects(frames: np.ndarray) -> np.ndarray:
@@ -76,9 +112,9 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
     names = envs.object_layout(task)[0]
     objs = [o for o in ["pusher", "block_red", "block_blue"] if o in names]
     k_obj = [DETECTOR[o] for o in objs]
-    imag = wmpo.imagine_replay(world, eps)
+    imag = imagine_replay(world, eps)
     n_sh = min(64, len(eps))  # shuffled: each episode replays the actions of one from another group
-    shuf = wmpo.imagine_replay(world, eps[:n_sh], [eps[(i + G) % len(eps)]["actions"] for i in range(n_sh)])
+    shuf = imagine_replay(world, eps[:n_sh], [eps[(i + G) % len(eps)]["actions"] for i in range(n_sh)])
     d_r = np.stack([detect_objects(e["frames"]) for e in eps])  # (N, T, 3, 2)
     d_i, d_s = np.stack([detect_objects(f) for f in imag]), np.stack([detect_objects(f) for f in shuf])
     err, err_s = error_curves(d_r, d_i), error_curves(d_r[:n_sh], d_s)
@@ -120,8 +156,8 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
     judges = {"judge": j_imag}
     instr = [e["instruction"] for e in eps]
     for name, rm in rewards.items():
-        judges[name] = [p >= rm.cfg.threshold for p in wmpo.reward_probs(rm, imag, instr, device)]
-        p_real = wmpo.reward_probs(rm, [e["frames"] for e in eps], instr, device)
+        judges[name] = [p >= rm.cfg.threshold for p in reward_probs(rm, imag, instr, device)]
+        p_real = reward_probs(rm, [e["frames"] for e in eps], instr, device)
         pred, lab = np.concatenate([p >= rm.cfg.threshold for p in p_real]), np.concatenate([e["success"] for e in eps])
         tp = (pred & lab).sum()
         prec, rec = tp / max(pred.sum(), 1), tp / max(lab.sum(), 1)

@@ -329,6 +329,9 @@ def grpo_loop(args: WMPOArgs, real: bool):
                 keep = stats["keep"].repeat_interleave(G)
                 rows.append(flatten_rows(tr, adv, keep))
                 logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
+                # how hard the policy pushes (an idling or saturating policy shows here first)
+                act = wmpo.tokens_to_action(tr["tokens"], policy.cfg.bins).abs().float()
+                logs[f"wmpo/mean_abs_action/{task}"] = (act * tr["token_mask"]).sum().item() / max(tr["token_mask"].sum().item(), 1)
                 n_traj += len(tr["success"])
                 kept_groups += int(stats["keep"].sum())
                 total_groups += len(stats["keep"])
@@ -400,8 +403,9 @@ def lifelong(args: WMPOArgs):
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
         res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
+        paid = [json.load(open(os.path.join(args.run_dir, f"budget{f'.round{q}' if q else ''}.json"))) for q in range(r + 1)]
         row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,
-               "real_trajectories": args.budget * (r + 1), **res}
+               "real_trajectories": sum(b["real_trajectories"] for b in paid), **res}  # cumulative, as counted
         print(f"round {r}: val real success {res['val/real_success']:.1%} ({args.val_episodes} greedy episodes per task)")
         if rank == 0:
             wmpo.log_metrics(args.run_dir, "lifelong", row)

@@ -231,9 +231,9 @@ def check(args):
     G = 8
     held = [{**e, "frames": e["frames"][:9], "actions": e["actions"][:9]} for e in held]  # one chunk: h = 1..8 only
     d_r = np.stack([fidelity.detect_objects(e["frames"]) for e in held])
-    d_i = np.stack([fidelity.detect_objects(f) for f in wmpo.imagine_replay(world, held)])
+    d_i = np.stack([fidelity.detect_objects(f) for f in fidelity.imagine_replay(world, held)])
     shuffled = [held[(i + G) % len(held)]["actions"] for i in range(len(held))]  # another group's actions
-    d_s = np.stack([fidelity.detect_objects(f) for f in wmpo.imagine_replay(world, held, shuffled)])
+    d_s = np.stack([fidelity.detect_objects(f) for f in fidelity.imagine_replay(world, held, shuffled)])
     true, shuf = fidelity.error_curves(d_r, d_i)[7, 0], fidelity.error_curves(d_r, d_s)[7, 0]
     copy = fidelity.error_curves(d_r, np.repeat(d_r[:, :1], 9, 1))[7, 0]
     ok = true < shuf / 3
@@ -304,10 +304,10 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed + r)  # the same replay subset on every rank
     replay_eps = [e for t in args.tasks for e in (lambda es: [es[i] for i in rng.permutation(len(es))[: args.reward_replays]])(
         [e for e in train_eps if e["task"] == t])]
-    replay_imag = wmpo.imagine_replay(imag_world, replay_eps)
+    replay_imag = fidelity.imagine_replay(imag_world, replay_eps)
     replayed = {id(e) for e in replay_eps}
     rest = [e for e in train_eps if id(e) not in replayed]
-    val_real, val_imag = [e["frames"] for e in val_eps], wmpo.imagine_replay(imag_world, val_eps)
+    val_real, val_imag = [e["frames"] for e in val_eps], fidelity.imagine_replay(imag_world, val_eps)
     val_succ = np.array([bool(e["success"].any()) for e in val_eps])
     rewards = {}
     for name, frac, val_frames in [("reward", args.reward_imagined, val_imag)] + [("reward_real", 0.0, val_real)] * (r == 0):
@@ -321,7 +321,7 @@ def main(args: Args):
                       4 * B, args.device, frac, rm.text.words)), lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every)
         rm.eval().requires_grad_(False)
         if rank == 0:
-            probs = wmpo.reward_probs(rm, val_frames, [e["instruction"] for e in val_eps], args.device)
+            probs = fidelity.reward_probs(rm, val_frames, [e["instruction"] for e in val_eps], args.device)
             rm.cfg.threshold = wmpo.choose_threshold(probs, val_succ)
             wmpo.save(rm, path, steps)
             print(f"{name}{sfx} threshold {rm.cfg.threshold:.3f} ({len(val_eps)} validation episodes, "

@@ -824,41 +824,6 @@ def clip_batch(real_eps, imag_eps, codec, L: int, B: int, device, imag_frac: flo
     return frames, torch.stack(words).to(device), torch.tensor(labels, device=device)
 
 
-@torch.no_grad()
-def imagine_replay(world: WorldModelEnv, episodes, actions=None, batch=64):
-    """Replay real actions (or the given ones) in the world model from each episode's first frame: (T+1, h, w, c)."""
-    K = world.chunk
-    out = []
-    for start in tqdm(range(0, len(episodes), batch), desc="imagined replay", leave=False):
-        eps = episodes[start : start + batch]
-        acts_np = [e["actions"] for e in eps] if actions is None else actions[start : start + batch]
-        Tmax = max(len(e["frames"]) for e in eps)
-        n_chunks = (Tmax - 1 + K - 1) // K
-        acts = torch.zeros(len(eps), n_chunks * K, 2)
-        for i, a in enumerate(acts_np):
-            acts[i, : len(a) - 1] = torch.from_numpy(a[:-1])
-        first = torch.from_numpy(np.stack([e["frames"][0] for e in eps]))
-        frames = [world.reset(first, [e["instruction"] for e in eps])[:, None].cpu()]
-        for c in range(n_chunks):
-            frames.append(world.step(acts[:, c * K : (c + 1) * K]).cpu())
-        frames = torch.cat(frames, 1).numpy()
-        out += [frames[i, : len(e["frames"])] for i, e in enumerate(eps)]
-    return out
-
-
-@torch.no_grad()
-def reward_probs(reward: RewardModel, frames_list, instructions, device, batch=64):
-    """Per-frame clip success probabilities for variable-length trajectories."""
-    out = []
-    for s in range(0, len(frames_list), batch):
-        fl = frames_list[s : s + batch]
-        T = max(len(f) for f in fl)
-        pad = np.stack([np.concatenate([f, np.repeat(f[-1:], T - len(f), 0)]) for f in fl])
-        p = reward(torch.from_numpy(pad).to(device), reward.text.tokenize(instructions[s : s + batch])).cpu()
-        out += [p[i, : len(f)].numpy() for i, f in enumerate(fl)]
-    return out
-
-
 def choose_threshold(probs_list, real_success) -> float:
     """Trajectory-level balanced accuracy (verdict: any frame over the threshold), 20 thresholds in [0.3, 0.97]."""
     best, best_t = -1.0, 0.5

@@ -106,6 +106,31 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
 
 
 @pytest.mark.slow
+def test_lifelong_rounds_refresh_with_train_wm_and_keep_round_0(run_dir, tmp_path):
+    import shutil
+
+    d = str(tmp_path / "life")
+    shutil.copytree(run_dir, d)
+    wm0 = open(os.path.join(d, "wm.safetensors"), "rb").read()
+    report0 = open(os.path.join(d, "wm_report.json")).read()
+    run("train_policy.py", "wmpo", "--run-dir", d, "--rounds", "2", "--iterations", "1", "--budget", "6",
+        "--grpo.states-per-task", "1", "--grpo.group-size", "2", "--val-episodes", "1", "--val-every", "0")
+    # round 1 ran train_wm.py --round 1: its own models and report; round 0's files untouched
+    for f in ["wm.round1.safetensors", "reward.round1.safetensors", "wm_report.round1.json", "policy_wmpo_r1.safetensors"]:
+        assert os.path.exists(os.path.join(d, f)), f
+    assert open(os.path.join(d, "wm.safetensors"), "rb").read() == wm0
+    assert open(os.path.join(d, "wm_report.json")).read() == report0
+    # P = 6 new real trajectories of the round-0 WMPO policy, counted from the files the real env wrote
+    new = [e for p in ("rollouts", "val") for t in ("reach", "pushcube", "pushtwo")
+           for e in envs.load_episodes(os.path.join(d, "data", f"{p}-{t}-v0-1-round1.safetensors"))]
+    assert len(new) == json.load(open(os.path.join(d, "budget.round1.json")))["real_trajectories"] == 6
+    meta = json.load(open(os.path.join(d, "train_wm.round1.args.json")))
+    assert meta["policy"] == "policy_wmpo" and meta["round"] == 1
+    rows = [json.loads(l) for l in open(os.path.join(d, "lifelong.metrics.jsonl"))]
+    assert [(r["round"], r["world_model"], r["real_trajectories"]) for r in rows] == [(0, "wm", 6), (1, "wm.round1", 12)]
+
+
+@pytest.mark.slow
 def test_train_wm_check_can_fail(tmp_path):
     # the 5-minute diagnostic, with two training steps: an untrained world model must FAIL it (exit 1)
     d = str(tmp_path / "chk")
