@@ -40,6 +40,8 @@ class SFTArgs:
     """torch device (cuda when one is visible)"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
     """tasks to train on (one multi-task policy)"""
+    wandb: bool = False
+    """also log metrics to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works without network)"""
     # data
     demos: tuple[int, ...] = ()
     """expert demonstrations per task, in --tasks order (empty: the preset's budget)"""
@@ -186,6 +188,8 @@ class WMPOArgs:
     """torch device (cuda when one is visible)"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
     """tasks trained together, one group batch per task per iteration"""
+    wandb: bool = False
+    """also log metrics to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works without network)"""
     init: str = "policy_sft"
     """checkpoint the policy starts from"""
     out: str = "policy_wmpo"

@@ -44,6 +44,8 @@ class Args:
     """torch device"""
     tasks: tuple[str, ...] = tuple(envs.TASKS)
     """task ids to collect and train on"""
+    wandb: bool = False
+    """also log metrics to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works without network)"""
     round: int = 0
     """lifelong round r >= 1: refresh round r-1's world and reward models instead of training from scratch, on P new
     rollouts of --policy plus all real data so far, with the same stages and flags as round 0 (train_policy.py wmpo

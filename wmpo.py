@@ -1135,10 +1135,22 @@ MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig), "
 # run-folder helpers: every step writes <step>.args.json and appends to <step>.metrics.jsonl
 
 
+WANDB = {}  # step name -> an open wandb run, when a script was started with --wandb
+
+
 def write_args(run_dir: str, step_name: str, args) -> None:
+    """DIR/<step>.args.json; with --wandb also opens a Weights & Biases run (imported only then; WANDB_MODE=offline
+    logs without a network) that log_metrics mirrors to."""
     os.makedirs(run_dir, exist_ok=True)
     data = json.dumps(asdict(args), indent=2, default=str)
     atomic_write(os.path.join(run_dir, f"{step_name}.args.json"), lambda tmp: open(tmp, "w").write(data))
+    if getattr(args, "wandb", False):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb needs the wandb package (pip install wandb); it is not a requirement") from None
+        WANDB[step_name] = wandb.init(project="wmpo", name=f"{os.path.basename(os.path.abspath(run_dir))}/{step_name}",
+                                      dir=run_dir, config=json.loads(data), reinit=True)
 
 
 def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
@@ -1148,6 +1160,8 @@ def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
                                      f"the last good checkpoint in {run_dir} is kept")
     with open(os.path.join(run_dir, f"{step_name}.metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if step_name in WANDB:
+        WANDB[step_name].log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -130,6 +130,19 @@ def test_lifelong_rounds_refresh_with_train_wm_and_keep_round_0(run_dir, tmp_pat
     assert [(r["round"], r["world_model"], r["real_trajectories"]) for r in rows] == [(0, "wm", 6), (1, "wm.round1", 12)]
 
 
+def test_wandb_flag_without_wandb_is_one_clear_line(tmp_path):
+    if _has_wandb():
+        pytest.skip("wandb is installed here: the missing-package message cannot be checked")
+    out = run("train_policy.py", "sft", "--run-dir", str(tmp_path), "--wandb", "--num-steps", "1", ok=False)
+    assert out.returncode != 0 and "pip install wandb" in out.stderr and "Traceback" not in out.stderr
+
+
+def _has_wandb():
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
 @pytest.mark.slow
 def test_train_wm_check_can_fail(tmp_path):
     # the 5-minute diagnostic, with two training steps: an untrained world model must FAIL it (exit 1)
