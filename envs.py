@@ -566,7 +566,8 @@ def load_episodes(path: str) -> list[dict]:
             raise ValueError(f"episode shard {path}: {k} has {len(arrays[k])} rows but frames have {n}")
     off = arrays["offsets"]
     if off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 2) or len(off) != len(header["episodes"]) + 1:
-        raise ValueError(f"episode shard {path}: offsets do not match {n} frames and {len(header['episodes'])} episodes")
+        raise ValueError(f"episode shard {path}: offsets do not match {n} frames "
+                         f"and {len(header['episodes'])} episodes")
     episodes = []
     for i, ep_meta in enumerate(header["episodes"]):
         s, e = off[i], off[i + 1]
@@ -617,7 +618,8 @@ def expert_policy(noise: float = 0.0, seed: int = 0, dart: bool = False):
 
 
 def make_env(task: str, **kwargs) -> gym.Env:
-    return gym.make(task, **kwargs)  # a module-level function pickles by reference: spawned workers import envs (registering ids)
+    # a module-level function pickles by reference: spawned workers import envs (registering ids)
+    return gym.make(task, **kwargs)
 
 
 def make_vec(task: str, n: int, asynchronous: bool = False, **kwargs) -> gym.vector.VectorEnv:
@@ -752,4 +754,5 @@ if __name__ == "__main__":
                 venv.step(rng.uniform(-1, 1, (args.num_envs, 2)))
             rates.append(n * args.num_envs / (time.perf_counter() - t0))
             venv.close()
-        print(f"{task:20s} {succ.mean():>15.1%} {lens[succ].mean():>9.1f} {single:>16.0f} {rates[0]:>18.0f} {rates[1]:>19.0f}")
+        print(f"{task:20s} {succ.mean():>15.1%} {lens[succ].mean():>9.1f} {single:>16.0f} "
+              f"{rates[0]:>18.0f} {rates[1]:>19.0f}")

@@ -137,7 +137,8 @@ def generalisation_rows(results: dict, tasks: list[str], episodes: int) -> dict:
     "generalisation/<Shift>" = success over the tasks' variants with that shift, "generalisation/mean" = over all."""
     out = {}
     for name, res in results.items():
-        row = {s: float(np.mean([res[t.replace("-v0", f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
+        row = {s: float(np.mean([res[t.replace("-v0",
+                                               f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
         row["mean"] = float(np.mean(list(row.values())))
         n = {s: episodes * len(tasks) for s in envs.SHIFTS} | {"mean": episodes * len(tasks) * len(envs.SHIFTS)}
         out[name] = {f"generalisation/{s}": {"success_rate": v, "episodes": n[s]} for s, v in row.items()}
@@ -150,7 +151,8 @@ def generalisation_markdown(merged: dict) -> str:
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in merged.items():
         if "generalisation/mean" in res:
-            lines.append(f"| {name} | " + " | ".join(f"{res[f'generalisation/{c}']['success_rate']:.1%}" for c in cols) + " |")
+            rates = [f"{res[f'generalisation/{c}']['success_rate']:.1%}" for c in cols]
+            lines.append(f"| {name} | " + " | ".join(rates) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +178,8 @@ def markdown(results: dict, tasks: list[str]) -> str:
     lines.append("| recovered after a setback (of successes) | " + " | ".join(
         "/".join(f"{results[n][t]['recovery_rate']:.0%}" for t in tasks) for n in names) + " |")
     lines.append("| mean success length | " + " | ".join(
-        "/".join(f"{results[n][t]['mean_success_len']:.1f}" if results[n][t]["mean_success_len"] else "-" for t in tasks)
+        "/".join(f"{results[n][t]['mean_success_len']:.1f}" if results[n][t]["mean_success_len"] else "-"
+                 for t in tasks)
         for n in names) + " |")
     return "\n".join(lines) + "\n"
 
@@ -213,7 +216,8 @@ def main(args: Args):
                       f" n={r['episodes']}")
                 if args.videos:
                     video(eps[: args.videos], os.path.join(args.run_dir, "videos", f"{key}-{task.split('/')[1]}.gif"))
-                    recovery_gif(eps, os.path.join(args.run_dir, "videos", f"recoveries-{key}-{task.split('/')[1]}.gif"))
+                    recovery_gif(eps, os.path.join(args.run_dir, "videos",
+                                                   f"recoveries-{key}-{task.split('/')[1]}.gif"))
             rates = [results[key][t]["success_rate"] for t in args.tasks]
             results[key]["mean"] = {"success_rate": float(np.mean(rates)), "episodes": args.episodes * len(args.tasks)}
     md = markdown(results, list(args.tasks))

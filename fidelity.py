@@ -94,7 +94,8 @@ def outcome_stats(real: np.ndarray, imag: np.ndarray, G: int) -> dict:
     mixed = np.repeat(rearrange(real.astype(np.float32), "(b g) -> b g", g=G).std(1) > 0, G)  # real outcomes differ
     corr = float(np.corrcoef(ar[mixed], ai[mixed])[0, 1]) if mixed.any() and ai[mixed].std() > 0 else 0.0
     return {"agreement": float((real == imag).mean()), "advantage_correlation": corr,
-            "precision": float((real & imag).sum() / max(imag.sum(), 1)), "recall": float((real & imag).sum() / max(real.sum(), 1)),
+            "precision": float((real & imag).sum() / max(imag.sum(), 1)),
+            "recall": float((real & imag).sum() / max(real.sum(), 1)),
             "imagined_success_rate": float(imag.mean()), "mixed_groups": int(mixed.sum() // G)}
 
 
@@ -131,7 +132,8 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
     for o in objs[1:]:
         k = DETECTOR[o]
         contact = [(n, t + 1) for n, e in enumerate(eps) for t in envs.block_motion(e)
-                   if np.linalg.norm(e["object_pos"][t + 1, names.index(o)] - e["object_pos"][t, names.index(o)]) > 1e-3]
+                   if np.linalg.norm(e["object_pos"][t + 1, names.index(o)] - e["object_pos"][t,
+                       names.index(o)]) > 1e-3]
         if contact:
             n, t = np.array(contact).T
             dist = np.where(np.isnan(d_i[n, t, k, 0]), 32.0, np.linalg.norm(d_i[n, t, k] - d_r[n, t, k], axis=-1))
@@ -172,9 +174,12 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
     rep.update(outcome_agreement=rep["reward_agreement"], advantage_correlation=rep["reward_advantage_correlation"],
                imagined_recall=rep["reward_recall"], imagined_precision=rep["reward_precision"],
                judge_agreement=rep["judge_agreement"], real_success_rate=float(real.mean()),
-               imagined_success_rate=rep["reward_imagined_success_rate"], reward_threshold=rewards["reward"].cfg.threshold,
+               imagined_success_rate=rep["reward_imagined_success_rate"],
+               reward_threshold=rewards["reward"].cfg.threshold,
                reward_f1=rep["reward_frame_f1_real"])
-    psnr = lambda a, b: 10 * np.log10(255**2 / np.maximum(((a.astype(np.float32) - b) ** 2).mean((-3, -2, -1)), 1e-3))  # noqa: E731
+    def psnr(a, b):
+        return 10 * np.log10(255**2 / np.maximum(((a.astype(np.float32) - b) ** 2).mean((-3, -2, -1)), 1e-3))
+
     rep["psnr_by_horizon"] = np.mean([psnr(e["frames"], f) for e, f in zip(eps, imag)], 0)[1:].tolist()
     rep["psnr_copy_baseline_by_horizon"] = np.mean([psnr(e["frames"], e["frames"][:1]) for e in eps], 0)[1:].tolist()
     picks = [i for i in range(len(eps)) if real[i]][:3] + [i for i in range(len(eps)) if not real[i]][:3]
@@ -190,7 +195,8 @@ def side_by_side_gif(pairs, path):
     rows = []
     for real, imag, rs, iv in pairs:
         pad = lambda f: np.concatenate([f, np.repeat(f[-1:], T - len(f), 0)])  # noqa: E731
-        bar = lambda ok: np.broadcast_to(np.array([40, 220, 40] if ok else [230, 40, 40], np.uint8), (T, 4, 64, 3))  # noqa: E731
+        bar = lambda ok: np.broadcast_to(  # noqa: E731
+            np.array([40, 220, 40] if ok else [230, 40, 40], np.uint8), (T, 4, 64, 3))
         left = np.concatenate([pad(real), bar(rs)], 1)
         right = np.concatenate([pad(imag), bar(iv)], 1)
         rows.append(np.concatenate([left, np.zeros((T, 68, 2, 3), np.uint8), right], 2))
@@ -240,7 +246,8 @@ def report_markdown(rep: dict) -> str:
             f(at(r, f"pusher_err_px{k}_by_horizon", 8), 1) for k in ["", "_shuffled", "_copy"])),
         ("pusher error px at h=16 / 24 / 40 (success radius 3.84)", lambda r: " / ".join(
             f(at(r, "pusher_err_px_by_horizon", h), 1) for h in (16, 24, 40))),
-        ("pushed blocks (red / blue): within the success radius of the real block at h=24", lambda r: blocks(r, "within_radius_h24")),
+        ("pushed blocks (red / blue): within the success radius of the real block at h=24",
+         lambda r: blocks(r, "within_radius_h24")),
         ("pushed blocks (red / blue): lost (< 3 px of their colour) at h=40", lambda r: blocks(r, "lost_h40")),
         ("blocks (red / blue): error px on frames where they move", lambda r: blocks(r, "contact_err_px")),
         ("geometric judge on imagined frames: agreement / adv. corr. / precision / recall", lambda r: " / ".join(
@@ -249,10 +256,11 @@ def report_markdown(rep: dict) -> str:
             f(r[f"reward_{k}"]) for k in ["agreement", "advantage_correlation", "precision", "recall"])),
         ("reward model, real clips only (paper): agreement / adv. corr. / precision / recall", lambda r: " / ".join(
             f(r.get(f"reward_real_{k}")) for k in ["agreement", "advantage_correlation", "precision", "recall"])),
-        ("stop-at-success variant, judge / reward model: agreement", lambda r: f"{f(r['judge_stop_at_success_agreement'])} / "
-                                                                  f"{f(r['reward_stop_at_success_agreement'])}"),
-        ("real / imagined (reward model) success rate; groups with mixed real outcomes", lambda r: f"{f(r['real_success_rate'])} / "
-                                                   f"{f(r['reward_imagined_success_rate'])}; {r['reward_mixed_groups']}"),
+        ("stop-at-success variant, judge / reward model: agreement",
+         lambda r: f"{f(r['judge_stop_at_success_agreement'])} / {f(r['reward_stop_at_success_agreement'])}"),
+        ("real / imagined (reward model) success rate; groups with mixed real outcomes",
+         lambda r: f"{f(r['real_success_rate'])} / {f(r['reward_imagined_success_rate'])}; "
+                   f"{r['reward_mixed_groups']}"),
         ("judge on real frames vs the simulator: agreement", lambda r: f(r["judge_on_real_agreement"])),
     ]
     lines = ["| held-out base-policy trajectories, full horizon | " + " | ".join(
@@ -267,10 +275,12 @@ def print_report(rep, tasks):
           f"{'judge agr':>9s} {'RM agr':>7s} {'adv corr':>8s} {'recall':>6s} {'RM-real agr':>11s}")
     for t in tasks:
         r = rep["per_task"][t]
-        p = f"{r['pusher_err_px_by_horizon'][7]:.1f}/{r['pusher_err_px_shuffled_by_horizon'][7]:.1f}/{r['pusher_err_px_copy_by_horizon'][7]:.1f}"
+        p = "/".join(f"{r[f'pusher_err_px{k}_by_horizon'][7]:.1f}" for k in ["", "_shuffled", "_copy"])
         within = [v for k, v in r.items() if k.endswith("within_radius_h24")]
         lost = [v for k, v in r.items() if k.endswith("lost_h40")]
-        print(f"{t:18s} {p:>25s} {(f'{min(within):.2f}' if within else '-'):>15s} {(f'{max(lost):.2f}' if lost else '-'):>9s} "
+        within, lost = f"{min(within):.2f}" if within else "-", f"{max(lost):.2f}" if lost else "-"
+        print(f"{t:18s} {p:>25s} {within:>15s} {lost:>9s} "
               f"{r['judge_agreement']:9.2f} {r['reward_agreement']:7.2f} {r['reward_advantage_correlation']:8.2f} "
               f"{r['reward_recall']:6.2f} {r.get('reward_real_agreement', float('nan')):11.2f}")
-    print(f"trajectories {rep['trajectories']:.0f}, imagined {rep['imagined_frames_per_s']:.0f} frames/s, wall {rep.get('wall_time_s', 0) / 60:.1f} min")
+    print(f"trajectories {rep['trajectories']:.0f}, imagined {rep['imagined_frames_per_s']:.0f} frames/s, "
+          f"wall {rep.get('wall_time_s', 0) / 60:.1f} min")

@@ -106,7 +106,8 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
 
 
 def sft(args: SFTArgs):
-    wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"), non_negative=("dart_noise", "augment_px", "weight_decay"))
+    wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"),
+                     non_negative=("dart_noise", "augment_px", "weight_decay"))
     preset = SFT_PRESETS[args.preset]
     budgets = args.demos or preset["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else preset["num_steps"]
@@ -193,7 +194,8 @@ class WMPOArgs:
     init: str = "policy_sft"
     """checkpoint the policy starts from"""
     out: str = "policy_wmpo"
-    """checkpoint written (policy_wmpo; grpo-real writes policy_grpo_real)"""
+    """checkpoint written (policy_wmpo; grpo-real writes policy_grpo_real); its step files are named after it
+    without "policy_" (wmpo.args.json, wmpo.metrics.jsonl; --out policy_grpo_real_p512 -> grpo_real_p512.*)"""
     # algorithm
     iterations: int = -1
     """GRPO iterations (-1: preset); grpo-real stops earlier when the real budget is spent"""
@@ -236,7 +238,8 @@ def rollout(policy, world, horizon: int, B: int, G: int, temperature: float) -> 
     valid = torch.arange(frames.shape[1]) <= horizon
     success, first = wmpo.detect_success(world.judge(frames).float(), 0.5, valid[None].expand(len(frames), -1))
     finish = torch.where(success, first, torch.full_like(first, horizon))
-    return {"obs": obs, "tokens": tokens, "words": policy.text.tokenize(instr).cpu(), "success": success, "finish": finish,
+    return {"obs": obs, "tokens": tokens, "words": policy.text.tokenize(instr).cpu(), "success": success,
+            "finish": finish,
             "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E), "frames": frames}
 
 
@@ -287,7 +290,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     rank, world_size = wmpo.dist_init()
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    name = "grpo_real" if real else "wmpo"
+    name = args.out.removeprefix("policy_")  # the step name of its files: wmpo, grpo_real, wmpo_r1, grpo_real_p512
     if rank == 0:
         wmpo.write_args(args.run_dir, name, args)
     init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
@@ -299,9 +302,10 @@ def grpo_loop(args: WMPOArgs, real: bool):
         worlds = [wmpo.RealChunkEnv(t, B * G) for t in args.tasks]
     else:
         make = f"python train_wm.py --run-dir {args.run_dir}"
-        get = lambda f, kind: wmpo.load(wmpo.require(os.path.join(args.run_dir, f"{f}.safetensors"), make),  # noqa: E731
-                                        args.device, expect=kind).eval()
-        codec, wm, reward = get("codec", "FrameCodec"), get(args.world_model, "WorldModel"), get(args.reward_model, "RewardModel")
+        get = lambda f, kind: wmpo.load(  # noqa: E731
+            wmpo.require(os.path.join(args.run_dir, f"{f}.safetensors"), make), args.device, expect=kind).eval()
+        codec, wm = get("codec", "FrameCodec"), get(args.world_model, "WorldModel")
+        reward = get(args.reward_model, "RewardModel")
         worlds = [wmpo.WorldModelEnv(wm, codec, args.device, reward, first_frames(args.run_dir, t)) for t in args.tasks]
     horizons = [envs.make(t).unwrapped.horizon for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
@@ -335,7 +339,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
                 logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
                 # how hard the policy pushes (an idling or saturating policy shows here first)
                 act = wmpo.tokens_to_action(tr["tokens"], policy.cfg.bins).abs().float()
-                logs[f"wmpo/mean_abs_action/{task}"] = (act * tr["token_mask"]).sum().item() / max(tr["token_mask"].sum().item(), 1)
+                n_act = max(tr["token_mask"].sum().item(), 1)
+                logs[f"wmpo/mean_abs_action/{task}"] = (act * tr["token_mask"]).sum().item() / n_act
                 n_traj += len(tr["success"])
                 kept_groups += int(stats["keep"].sum())
                 total_groups += len(stats["keep"])
@@ -378,7 +383,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
 
 # round-0 flags of train_wm.py that a lifelong refresh repeats (model sizes come from the checkpoints themselves)
 REFRESH_FLAGS = ["explore_noise", "explore_per_level", "heldout_groups", "group_size", "val_share", "codec_steps",
-                 "wm_steps", "wm_finetune_steps", "reward_steps", "batch_size", "lr", "motion_windows", "reward_imagined",
+                 "wm_steps", "wm_finetune_steps", "reward_steps", "batch_size", "lr", "motion_windows",
+                 "reward_imagined",
                  "reward_replays", "eval_every", "rollout_temperature"]
 
 
@@ -395,7 +401,8 @@ def lifelong(args: WMPOArgs):
         if r > 0:
             args.init = base_out if r == 1 else f"{base_out}_r{r - 1}"
             cmd = [sys.executable, "train_wm.py", "--run-dir", args.run_dir, "--round", str(r), "--policy", args.init,
-                   "--budget", str(args.budget), "--seed", str(args.seed), "--device", args.device, "--tasks", *args.tasks]
+                   "--budget", str(args.budget), "--seed", str(args.seed), "--device", args.device, "--tasks",
+                   *args.tasks]
             for k in REFRESH_FLAGS:
                 v = wm_args[k]
                 cmd += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
@@ -407,10 +414,12 @@ def lifelong(args: WMPOArgs):
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
         res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
-        paid = [json.load(open(os.path.join(args.run_dir, f"budget{f'.round{q}' if q else ''}.json"))) for q in range(r + 1)]
+        files = ["budget.json"] + [f"budget.round{q}.json" for q in range(1, r + 1)]
+        paid = [json.load(open(os.path.join(args.run_dir, f))) for f in files]
         row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,
                "real_trajectories": sum(b["real_trajectories"] for b in paid), **res}  # cumulative, as counted
-        print(f"round {r}: val real success {res['val/real_success']:.1%} ({args.val_episodes} greedy episodes per task)")
+        print(f"round {r}: val real success {res['val/real_success']:.1%} "
+              f"({args.val_episodes} greedy episodes per task)")
         if rank == 0:
             wmpo.log_metrics(args.run_dir, "lifelong", row)
 

@@ -134,24 +134,30 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
         for i, noise in enumerate(args.explore_noise):
             n = args.explore_per_level
             sets["explore"] += envs.collect_cached(
-                os.path.join(data_dir, f"explore-{name}-{noise:g}-{n}.safetensors"), task, envs.expert_policy(noise, seed=i),
-                envs.seeds("explore", task, n, start=i * 2000), f"explore {name} σ={noise}", policy=f"expert+noise {noise}")
+                os.path.join(data_dir, f"explore-{name}-{noise:g}-{n}.safetensors"), task,
+                envs.expert_policy(noise, seed=i),
+                envs.seeds("explore", task, n, start=i * 2000), f"explore {name} σ={noise}",
+                policy=f"expert+noise {noise}")
         if policy is None:  # --check: noisy-expert data only
             continue
-        sets["rollouts"] += envs.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{n_roll}{sfx}.safetensors"), task,
-                                                act, envs.seeds("rollouts", task, n_roll, start=1000 * r), f"rollouts {name}", **meta)
+        sets["rollouts"] += envs.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{n_roll}{sfx}.safetensors"),
+                                                task, act, envs.seeds("rollouts", task, n_roll, start=1000 * r),
+                                                f"rollouts {name}", **meta)
         sets["val"] += envs.collect_cached(os.path.join(data_dir, f"val-{name}-{n_val}{sfx}.safetensors"), task, act,
-                                           envs.seeds("val", task, n_val, start=1000 * r), f"val {name}", full_horizon=True, **meta)
+                                           envs.seeds("val", task, n_val, start=1000 * r), f"val {name}",
+                                           full_horizon=True, **meta)
         # held-out groups: each initial state rolled out G times (consecutive episodes form a group)
         seeds = [s for s in envs.seeds("heldout", task, args.heldout_groups) for _ in range(args.group_size)]
         sets["heldout"] += envs.collect_cached(
-            os.path.join(data_dir, f"heldout-{name}-{args.heldout_groups}x{args.group_size}{sfx}.safetensors"), task, act,
+            os.path.join(data_dir, f"heldout-{name}-{args.heldout_groups}x{args.group_size}{sfx}.safetensors"),
+            task, act,
             seeds, f"heldout {name}", full_horizon=True, **meta)
     for k, v in sets.items():
         print(f"{k:9s}: {len(v):5d} episodes, {sum(len(e['frames']) for e in v):6d} frames, "
               f"success {np.mean([e['success'].any() for e in v]) if v else 0:.0%}")
     if policy is not None and not sets["demos"]:
-        raise SystemExit(f"error: no demos in {data_dir}; make them first with: python train_policy.py sft --run-dir {args.run_dir}")
+        raise SystemExit(f"error: no demos in {data_dir}; make them first with: "
+                         f"python train_policy.py sft --run-dir {args.run_dir}")
     return sets
 
 
@@ -160,7 +166,8 @@ def earlier_rounds(args: Args, prefix: str) -> list[dict]:
     data_dir = os.path.join(args.run_dir, "data")
     n_roll, n_val = budget_split(args)
     n = n_roll if prefix == "rollouts" else n_val
-    names = [f"{prefix}-{envs.task_name(t)}-{n}{f'-round{q}' if q else ''}.safetensors" for t in args.tasks for q in range(args.round)]
+    names = [f"{prefix}-{envs.task_name(t)}-{n}{f'-round{q}' if q else ''}.safetensors"
+             for t in args.tasks for q in range(args.round)]
     return [e for f in names for e in envs.load_episodes(wmpo.require(os.path.join(data_dir, f), "the earlier rounds"))]
 
 
@@ -173,7 +180,8 @@ def train_world_model(args, codec, train_eps, policy_eps, B, wm=None, out="wm"):
     def windows(eps):
         with torch.no_grad():
             z = [codec.encode(torch.from_numpy(e["frames"]).to(args.device)) for e in eps]
-        return wmpo.Windows(z, [torch.from_numpy(e["actions"]).to(args.device) for e in eps], eps, C, K, args.motion_windows)
+        return wmpo.Windows(z, [torch.from_numpy(e["actions"]).to(args.device) for e in eps], eps, C, K,
+                            args.motion_windows)
 
     C, K = (wm.cfg.context, wm.cfg.chunk) if wm is not None else (args.wm.context, args.wm.chunk)
     w_all = windows(train_eps)
@@ -184,7 +192,8 @@ def train_world_model(args, codec, train_eps, policy_eps, B, wm=None, out="wm"):
         bounds = [int(f * args.wm_steps) for f in args.curriculum]
         unroll_at = lambda step: [0, 2, 4, 8][sum(step >= b for b in bounds)]  # noqa: E731
         wm = wmpo.WorldModel(args.wm).to(args.device)
-        wm = fit(wm, "wm_pretrain", args.wm_steps, lambda net, step: net(*w_all.sample(B), unroll_at(step)), args.lr, "wm",
+        wm = fit(wm, "wm_pretrain", args.wm_steps, lambda net, step: net(*w_all.sample(B), unroll_at(step)), args.lr,
+                 "wm",
                  lr_mult=lambda step: 1.0 if unroll_at(step) == 0 else 0.4)
     if policy_eps and args.wm_finetune_steps > 0:
         w_pol = windows(policy_eps)
@@ -194,7 +203,8 @@ def train_world_model(args, codec, train_eps, policy_eps, B, wm=None, out="wm"):
             za, aa = w_all.sample(B - len(zp))
             return net(torch.cat([zp, za]), torch.cat([ap, aa]), 8)
 
-        wm = fit(wm.train().requires_grad_(True), out, args.wm_finetune_steps, aligned, args.lr * 0.3, f"wm-align{suffix(args)}")
+        wm = fit(wm.train().requires_grad_(True), out, args.wm_finetune_steps, aligned, args.lr * 0.3,
+                 f"wm-align{suffix(args)}")
     else:
         wmpo.save(wm, os.path.join(args.run_dir, f"{out}.safetensors"), args.wm_steps)
     return wm.eval().requires_grad_(False)
@@ -204,7 +214,8 @@ def train_codec(args, frames, world):
     args.codec.table_rgb = tuple((frames[:2000].reshape(-1, 3).float().median(0).values / 127.5 - 1).tolist())
     codec = wmpo.FrameCodec(args.codec).to(args.device)
     codec = wmpo.fit(codec, os.path.join(args.run_dir, "codec.safetensors"), args.codec_steps,
-                     lambda net, step: net(frames[torch.randint(len(frames), (8 * args.batch_size // world,))].to(args.device)),
+                     lambda net, step: net(frames[torch.randint(len(frames), (8 * args.batch_size // world,))]
+                                           .to(args.device)),
                      args.lr, args.run_dir, "train_wm", "codec", args.eval_every)
     return codec.eval().requires_grad_(False)
 
@@ -224,7 +235,8 @@ def check(args):
         if getattr(args, k) < 0:  # explicit flags win (the test runs it with a few steps, to see it fail)
             setattr(args, k, v)
     sets = collect_all(args, None)
-    held = envs.collect(args.tasks[0], envs.expert_policy(0.5, seed=9), envs.seeds("heldout", args.tasks[0], 32, start=8000),
+    held = envs.collect(args.tasks[0], envs.expert_policy(0.5, seed=9),
+                        envs.seeds("heldout", args.tasks[0], 32, start=8000),
                         desc="check held-out", full_horizon=True)
     frames = torch.from_numpy(np.concatenate([e["frames"] for e in sets["explore"]]))
     codec = train_codec(args, frames, 1)
@@ -241,8 +253,10 @@ def check(args):
     ok = true < shuf / 3
     res = {"pusher_err_px_h8": float(true), "shuffled": float(shuf), "copy": float(copy), "pass": bool(ok),
            "wm_steps": args.wm_steps, "wall_s": time.time() - t0}
-    wmpo.atomic_write(os.path.join(args.run_dir, "check.json"), lambda tmp: open(tmp, "w").write(json.dumps(res, indent=1)))
-    print(f"check: pusher error at h=8 {true:.2f} px with true actions, {shuf:.2f} px shuffled, {copy:.2f} px copy-last-frame "
+    wmpo.atomic_write(os.path.join(args.run_dir, "check.json"),
+                      lambda tmp: open(tmp, "w").write(json.dumps(res, indent=1)))
+    print(f"check: pusher error at h=8 {true:.2f} px with true actions, {shuf:.2f} px shuffled, "
+          f"{copy:.2f} px copy-last-frame "
           f"-> {'PASS' if ok else 'FAIL'} (true < shuffled / 3), {res['wall_s']:.0f} s")
     if not ok:
         raise SystemExit(1)
@@ -266,10 +280,12 @@ def main(args: Args):
     torch.manual_seed(args.seed + rank)  # ranks draw different windows and noise: together, one global batch
     np.random.seed(args.seed + rank)
     sfx, r = suffix(args), args.round
-    print(f"train_wm{sfx}: preset {args.preset}: codec {args.codec_steps}, wm {args.wm_steps} + {args.wm_finetune_steps}, "
+    print(f"train_wm{sfx}: preset {args.preset}: codec {args.codec_steps}, "
+          f"wm {args.wm_steps} + {args.wm_finetune_steps}, "
           f"reward {args.reward_steps} steps; {args.explore_per_level} exploratory episodes per task and noise level")
     t_start = time.time()
-    policy_path = wmpo.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"), f"python train_policy.py sft --run-dir {args.run_dir}")
+    policy_path = wmpo.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"),
+                               f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(policy_path, args.device, expect="VLA").eval()
     if rank == 0:  # rank 0 collects every data set and writes every file; the others read what it saved
         wmpo.write_args(args.run_dir, f"train_wm{sfx}", args)
@@ -295,8 +311,10 @@ def main(args: Args):
         wm = train_world_model(args, codec, train_eps, sets["rollouts"], B)
     else:
         prev = "" if r == 1 else f".round{r - 1}"
-        codec = wmpo.load(wmpo.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device, expect="FrameCodec").eval()
-        wm = wmpo.load(wmpo.require(os.path.join(args.run_dir, f"wm{prev}.safetensors"), make), args.device, expect="WorldModel")
+        codec = wmpo.load(wmpo.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device,
+                          expect="FrameCodec").eval()
+        wm = wmpo.load(wmpo.require(os.path.join(args.run_dir, f"wm{prev}.safetensors"), make), args.device,
+                       expect="WorldModel")
         wm = train_world_model(args, codec, train_eps, policy_eps, B, wm, out=f"wm{sfx}")
     imag_world = wmpo.WorldModelEnv(wm, codec, args.device)
 
@@ -304,23 +322,30 @@ def main(args: Args):
     #       replays) and, in round 0, the paper's (real clips only, threshold on real validation episodes) as a
     #       baseline. Round r fine-tunes round r-1's for a third of the steps and re-chooses its threshold. --
     rng = np.random.default_rng(args.seed + r)  # the same replay subset on every rank
-    replay_eps = [e for t in args.tasks for e in (lambda es: [es[i] for i in rng.permutation(len(es))[: args.reward_replays]])(
-        [e for e in train_eps if e["task"] == t])]
+    replay_eps = []
+    for t in args.tasks:
+        es = [e for e in train_eps if e["task"] == t]
+        replay_eps += [es[i] for i in rng.permutation(len(es))[: args.reward_replays]]
     replay_imag = fidelity.imagine_replay(imag_world, replay_eps)
     replayed = {id(e) for e in replay_eps}
     rest = [e for e in train_eps if id(e) not in replayed]
     val_real, val_imag = [e["frames"] for e in val_eps], fidelity.imagine_replay(imag_world, val_eps)
     val_succ = np.array([bool(e["success"].any()) for e in val_eps])
     rewards = {}
-    for name, frac, val_frames in [("reward", args.reward_imagined, val_imag)] + [("reward_real", 0.0, val_real)] * (r == 0):
+    models = [("reward", args.reward_imagined, val_imag)] + [("reward_real", 0.0, val_real)] * (r == 0)
+    for name, frac, val_frames in models:
         if r == 0:
             rm, steps, lr = wmpo.RewardModel(args.reward).to(args.device), args.reward_steps, args.lr
         else:
             prev_path = wmpo.require(os.path.join(args.run_dir, f"{name}{prev}.safetensors"), make)
-            rm, steps, lr = wmpo.load(prev_path, args.device, expect="RewardModel"), max(1, args.reward_steps // 3), args.lr * 0.3
+            rm = wmpo.load(prev_path, args.device, expect="RewardModel")
+            steps, lr = max(1, args.reward_steps // 3), args.lr * 0.3
         path = os.path.join(args.run_dir, f"{name}{sfx}.safetensors")
-        rm = wmpo.fit(rm, path, steps, lambda net, step: net(*wmpo.clip_batch(replay_eps + rest, replay_imag, codec, rm.cfg.clip,
-                      4 * B, args.device, frac, rm.text.words)), lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every)
+        def clips(net, step):
+            return net(*wmpo.clip_batch(replay_eps + rest, replay_imag, codec, rm.cfg.clip, 4 * B, args.device, frac,
+                                        rm.text.words))
+
+        rm = wmpo.fit(rm, path, steps, clips, lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every)
         rm.eval().requires_grad_(False)
         if rank == 0:
             probs = fidelity.reward_probs(rm, val_frames, [e["instruction"] for e in val_eps], args.device)

@@ -123,7 +123,8 @@ def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
     """Keypoints: each channel's softmax over pixels -> the expected (x, y) in [-1, 1]. (b, n, h, w) -> (b, n, 2)."""
     b, n, h, w = x.shape
     attn = rearrange(x, "b n h w -> b n (h w)").softmax(-1)
-    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                            indexing="ij")
     grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], -1)  # (h*w, 2)
     return attn @ grid
 
@@ -185,7 +186,8 @@ class VLA(nn.Module):
         """frames uint8 (b, h, w, c), words (b, l) -> logits (b, k*a, v)."""
         x = frames_to_model(frames)
         b, c, h, w = x.shape
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij")
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                                indexing="ij")
         x = torch.cat([x, repeat(torch.stack([xs, ys]), "two h w -> b two h w", b=b)], dim=1)
         text = self.text(words)
         x = F.gelu(self.conv1(x))  # (b, d, 32, 32)
@@ -333,16 +335,20 @@ class FrameCodec(nn.Module):
 
 @dataclass
 class WorldModelConfig:
+    # -- shapes: the codec's latent, the paper's 4 context -> 8 generated frames, the task's actions --
     latent_ch: int = 8
     """channels of the codec's 16x16 latent"""
     context: int = 4
-    """real context frames before a chunk (the paper's 4)"""
+    """context frames before a chunk (the paper's 4); a rollout starts from one real frame repeated 4 times under
+    zero actions, the pusher at rest"""
     chunk: int = 8
     """frames generated per step() call, one per action (the paper's 8)"""
     action_dim: int = 2
     """action dimensions (the pusher's x, y)"""
+    # -- network --
     history: int = 4
-    """actions tiled per frame: its own and the previous history-1 (the pusher lags its set-point)"""
+    """actions tiled per frame: its own and the previous history-1; the pusher lags its set-point, so where it is
+    now depends on the last few actions, not only on this one"""
     width: int = 48
     """conv channels at 16x16"""
     d: int = 96
@@ -352,7 +358,9 @@ class WorldModelConfig:
     n_layer: int = 2
     """frame-causal attention blocks over the 8x8 tokens of all frames so far"""
     n_head: int = 3
-    """attention heads (head dim d / n_head must be 16, 32, 64 or 128: the kernel's constraint)"""
+    """attention heads; the head dim d / n_head must be 16, 32, 64 or 128 (kernels/frame_attention.py's tl.dot
+    tiles)"""
+    # -- training --
     ctx_noise: float = 0.05
     """Gaussian noise on input latents in training: generated context is never exactly on the data manifold"""
     max_residual: float = 1.0
@@ -574,7 +582,8 @@ class WorldModelEnv:
         self.starts = starts
 
     def start(self, B: int, G: int):
-        """B initial states drawn from the pool, each G times (consecutive rows form a group) -> (frames, instructions)."""
+        """B initial states drawn from the pool, each G times (consecutive rows form a group).
+        Returns (frames, instructions)."""
         frames, instr = self.starts
         idx = torch.randint(len(frames), (B,))
         frames0 = frames[idx].repeat_interleave(G, 0)
@@ -774,8 +783,10 @@ class Windows:
         import envs
 
         self.z, self.a, self.C, self.K, self.motion = latents, actions, C, K, motion
-        self.frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1) for i, z in enumerate(latents)])
-        moving = [np.stack([np.full(len(m), i), m + 1], 1) for i, e in enumerate(episodes) if len(m := envs.block_motion(e))]
+        self.frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1)
+                                      for i, z in enumerate(latents)])  # (episode, target frame) rows
+        moving = [np.stack([np.full(len(m), i), m + 1], 1)
+                  for i, e in enumerate(episodes) if len(m := envs.block_motion(e))]
         self.moving = np.concatenate(moving) if moving else self.frames
 
     def sample(self, B: int):
@@ -865,7 +876,8 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
         loss, logs = loss_fn(net, step)
         loss_all = all_sum(loss.detach()) / world
         if not torch.isfinite(loss_all):
-            raise SystemExit(f"error: {stage} loss is {loss_all.item()} at step {step}; kept the last checkpoint {path}")
+            raise SystemExit(f"error: {stage} loss is {loss_all.item()} at step {step}; "
+                             f"kept the last checkpoint {path}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -1045,7 +1057,8 @@ def load_same(path: str, cfg, device="cpu", expect: str | None = None) -> nn.Mod
     """Load a checkpoint to resume from, refusing one written with another model config (names the fields)."""
     model = load(path, device, expect)
     theirs, ours = asdict(model.cfg), asdict(cfg)
-    diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if k not in ("threshold", "residual_scale", "table_rgb")
+    derived = ("threshold", "residual_scale", "table_rgb")  # set by training, not by flags
+    diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if k not in derived
             and json.dumps(theirs.get(k)) != json.dumps(ours[k])]
     if diff:
         raise ValueError(f"checkpoint {path} was written with another model config ({', '.join(diff)}); "
@@ -1058,10 +1071,12 @@ def check_state(model: nn.Module, state: dict, path: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in own.items():
         if v.shape != state[k].shape:
-            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(state[k].shape)}, "
+                             f"model expects {tuple(v.shape)}")
 
 
 def save_train_state(path: str, optimizer, step: int, **extra) -> None:
@@ -1105,7 +1120,8 @@ def resume(path: str, model: nn.Module, optimizer, expect: str | None = None) ->
 def lr_at(step: int, num_steps: int, peak: float, warmup: int = 100, floor: float = 0.0) -> float:
     """Linear warm-up over `warmup` steps, then cosine from `peak` down to floor * peak at `num_steps`. A python
     float: a numpy one would not load back from the optimizer state with weights_only."""
-    return float(peak * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * step / num_steps))))
+    cosine = floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * step / num_steps))
+    return float(peak * min(1.0, (step + 1) / warmup) * cosine)
 
 
 def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None) -> None:
@@ -1128,7 +1144,8 @@ def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None
             raise SystemExit(f"error: {flag(name)} must be >= {low}, got {get(name)}")
 
 
-MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig), "WorldModel": (WorldModel, WorldModelConfig), "RewardModel": (RewardModel, RewardConfig)}
+MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig),
+          "WorldModel": (WorldModel, WorldModelConfig), "RewardModel": (RewardModel, RewardConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1148,7 +1165,8 @@ def write_args(run_dir: str, step_name: str, args) -> None:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("error: --wandb needs the wandb package (pip install wandb); it is not a requirement") from None
+            raise SystemExit("error: --wandb needs the wandb package (pip install wandb), "
+                             "which is not in requirements.txt") from None
         WANDB[step_name] = wandb.init(project="wmpo", name=f"{os.path.basename(os.path.abspath(run_dir))}/{step_name}",
                                       dir=run_dir, config=json.loads(data), reinit=True)
 
