@@ -908,7 +908,11 @@ class GRPOConfig:
     temperature: float = 1.0  # rollout temperature (paper 1.6; see README for ours)
     clip_low: float = 0.2  # epsilon_low (the paper's)
     clip_high: float = 0.28  # epsilon_high, clip-higher (the paper's)
-    lr: float = 5e-4  # paper 5e-6 for a 7B model; a 2.5M-parameter policy needs far more (prototype: 1e-3 moved it)
+    # paper 5e-6 for a 7B model. Measured with real rewards (grpo-real, P = 512, runs/tiny-s0, 300 greedy `val`
+    # episodes per task, Reach / PushCube / PushTwo; base 73.0 / 45.0 / 3.3): 5e-4 (the old default) 62.7 / 30.7 /
+    # 2.0, clip fraction 0.21, KL 0.063 per update: it unlearns; 1e-4 74.0 / 44.7 / 2.3 (clip 0.03, KL 0.011);
+    # 3e-5 78.3 / 42.7 / 2.3. 1e-4: the largest that does not hurt.
+    lr: float = 1e-4
     epochs: int = 2  # passes over each batch (paper 1; the prototype's clip fraction was ~0 with one pass at lr 1e-4)
     minibatches: int = 4  # optimiser steps per epoch (the paper: 512 trajectories in mini-batches of 128)
     max_grad_norm: float = 1.0  # gradient clipping before each optimiser step

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the scripts run as a CPU user runs them: PyTorch references for the kernels (the kernels themselves are tested
+# in-process in the Triton interpreter, which is 100x slower and would dominate every world-model run here)
+SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 TINY = ["--demos", "3", "3", "3", "--policy.width", "8", "--policy.hidden", "32", "--batch-size", "8"]
 
 
 def run(args, ok=True, prefix=(sys.executable,)):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*prefix, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if ok:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -66,7 +69,7 @@ def test_kill_9_then_resume_reaches_the_same_end(demo_dir, tmp_path):
     ref, killed = fresh(demo_dir, tmp_path, "ref"), fresh(demo_dir, tmp_path, "killed")
     args = [*TINY, "--num-steps", "40", "--eval-every", "5"]
     run(["train_policy.py", "sft", "--run-dir", ref, *args])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "train_policy.py", "sft", "--run-dir", killed, *args], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(killed, "policy_sft.train.pt")
@@ -165,7 +168,7 @@ WM_TINY = ["--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5"
 
 def kill_when(args, path, cwd_dir):
     """Start a run, SIGKILL it as soon as `path` exists (a checkpoint was written mid-run), then run it again."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not os.path.exists(os.path.join(cwd_dir, path)) and time.time() < deadline and p.poll() is None:
