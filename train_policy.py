@@ -92,14 +92,11 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
     data_dir = os.path.join(args.run_dir, "data")
     episodes = []
     for task, n in zip(args.tasks, budgets):
-        name = task.split("/")[1].lower()
-        path = os.path.join(data_dir, f"demos-{name}-{n}-dart{args.dart_noise:g}.safetensors")
-        if os.path.exists(path):
-            eps = envs.load_episodes(path)  # reuse: same task, same budget, same seeds
-        else:
-            expert = envs.expert_policy(args.dart_noise, seed=args.seed, dart=args.dart_noise > 0)
-            eps = envs.collect(task, expert, envs.seeds("demos", task, n), desc=f"demos {task}")
-            envs.save_episodes(path, eps, policy="expert", dart_noise=args.dart_noise)
+        # reused when a run already wrote it: same task, same budget, same seeds
+        path = os.path.join(data_dir, f"demos-{envs.task_name(task)}-{n}-dart{args.dart_noise:g}.safetensors")
+        expert = envs.expert_policy(args.dart_noise, seed=args.seed, dart=args.dart_noise > 0)
+        eps = envs.collect_cached(path, task, expert, envs.seeds("demos", task, n), f"demos {task}", policy="expert",
+                                  dart_noise=args.dart_noise)
         print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
         episodes += eps
     return episodes
@@ -239,8 +236,8 @@ def rollout(policy, world, horizon: int, B: int, G: int, temperature: float) -> 
     success, first = wmpo.detect_success(world.judge(frames).float(), 0.5, valid[None].expand(len(frames), -1))
     finish = torch.where(success, first, torch.full_like(first, horizon))
     return {"obs": obs, "tokens": tokens, "words": policy.text.tokenize(instr).cpu(), "success": success,
-            "finish": finish,
-            "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E), "frames": frames}
+            "finish": finish, "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E),
+            "frames": frames}
 
 
 def first_frames(run_dir: str, task: str):
@@ -281,8 +278,11 @@ def grpo_loop(args: WMPOArgs, real: bool):
     from kernels.grpo import group_advantages
 
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
-    for t in args.tasks:
-        envs.make(t).close()
+    horizons = []
+    for t in args.tasks:  # unknown ids fail here, before any work
+        env = envs.make(t)
+        horizons.append(env.unwrapped.horizon)
+        env.close()
     wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"], non_negative=["grpo.temperature", "val_every"],
                      at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
@@ -307,7 +307,6 @@ def grpo_loop(args: WMPOArgs, real: bool):
         codec, wm = get("codec", "FrameCodec"), get(args.world_model, "WorldModel")
         reward = get(args.reward_model, "RewardModel")
         worlds = [wmpo.WorldModelEnv(wm, codec, args.device, reward, first_frames(args.run_dir, t)) for t in args.tasks]
-    horizons = [envs.make(t).unwrapped.horizon for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
     out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
     state = wmpo.resume(out_path, policy, opt, expect="VLA")
@@ -373,9 +372,9 @@ def grpo_loop(args: WMPOArgs, real: bool):
                             kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
             wmpo.save(policy, out_path, it + 1, real_trajectories=used)
             wmpo.save_train_state(out_path.replace(".safetensors", ".train.pt"), opt, it + 1, real_trajectories=used,
-                                  next_real_seed=getattr(worlds[0], "next_seed", 0))
+                                  next_real_seed=worlds[0].next_seed)
     for w in worlds:
-        getattr(w, "close", lambda: None)()
+        w.close()
     wmpo.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
     return policy
@@ -384,8 +383,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
 # round-0 flags of train_wm.py that a lifelong refresh repeats (model sizes come from the checkpoints themselves)
 REFRESH_FLAGS = ["explore_noise", "explore_per_level", "heldout_groups", "group_size", "val_share", "codec_steps",
                  "wm_steps", "wm_finetune_steps", "reward_steps", "batch_size", "lr", "motion_windows",
-                 "reward_imagined",
-                 "reward_replays", "eval_every", "rollout_temperature"]
+                 "reward_imagined", "reward_replays", "eval_every", "rollout_temperature"]
 
 
 def lifelong(args: WMPOArgs):

@@ -125,7 +125,7 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
     sets = {"demos": [], "explore": [], "rollouts": [], "val": [], "heldout": []}
     n_roll, n_val = budget_split(args)
     act = wmpo.policy_fn(policy, args.rollout_temperature, args.device) if policy is not None else None
-    r, sfx = args.round, f"-round{args.round}" if args.round else ""
+    r, sfx = args.round, data_suffix(args.round)
     meta = dict(policy=args.policy, temperature=args.rollout_temperature)
     for task in args.tasks:
         name = envs.task_name(task)
@@ -150,8 +150,7 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
         seeds = [s for s in envs.seeds("heldout", task, args.heldout_groups) for _ in range(args.group_size)]
         sets["heldout"] += envs.collect_cached(
             os.path.join(data_dir, f"heldout-{name}-{args.heldout_groups}x{args.group_size}{sfx}.safetensors"),
-            task, act,
-            seeds, f"heldout {name}", full_horizon=True, **meta)
+            task, act, seeds, f"heldout {name}", full_horizon=True, **meta)
     for k, v in sets.items():
         print(f"{k:9s}: {len(v):5d} episodes, {sum(len(e['frames']) for e in v):6d} frames, "
               f"success {np.mean([e['success'].any() for e in v]) if v else 0:.0%}")
@@ -166,9 +165,17 @@ def earlier_rounds(args: Args, prefix: str) -> list[dict]:
     data_dir = os.path.join(args.run_dir, "data")
     n_roll, n_val = budget_split(args)
     n = n_roll if prefix == "rollouts" else n_val
-    names = [f"{prefix}-{envs.task_name(t)}-{n}{f'-round{q}' if q else ''}.safetensors"
-             for t in args.tasks for q in range(args.round)]
-    return [e for f in names for e in envs.load_episodes(wmpo.require(os.path.join(data_dir, f), "the earlier rounds"))]
+    eps = []
+    for t in args.tasks:
+        for q in range(args.round):
+            path = os.path.join(data_dir, f"{prefix}-{envs.task_name(t)}-{n}{data_suffix(q)}.safetensors")
+            eps += envs.load_episodes(wmpo.require(path, f"python train_wm.py --run-dir {args.run_dir} --round {q}"))
+    return eps
+
+
+def data_suffix(r: int) -> str:
+    """Round r's data shards carry '-round<r>' (rollouts-pushcube-v0-24-round1.safetensors); round 0's none."""
+    return f"-round{r}" if r else ""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -620,6 +620,9 @@ class WorldModelEnv:
         probs = self.reward(frames.to(self.device), self.reward.text.tokenize(self.instructions)).cpu()
         return probs >= self.reward.cfg.threshold
 
+    def close(self):
+        pass  # nothing to release: the real env's counterpart closes its simulators
+
 
 def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
     """The trained world model of a run folder as an env: reset(frames uint8 (b, 64, 64, 3), instructions), then
