@@ -202,8 +202,8 @@ class WMPOArgs:
     budget: int = 128
     """P: real trajectories per lifelong round (wmpo) / in total (grpo-real)"""
     val_every: int = 5
-    """every this many iterations (and after the last), greedy real success on `val` reset seeds beside the imagined
-    success: the reward-hacking check (monitoring only; nothing is chosen on it; 0: never)"""
+    """every this many iterations (and after the last), real success at the rollout temperature on `val` reset seeds
+    beside the imagined success: the reward-hacking check (monitoring only; nothing is chosen on it; 0: never)"""
     val_episodes: int = 50
     """real episodes per task for that check (and after each lifelong round)"""
     world_model: str = "wm"
@@ -263,13 +263,16 @@ def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
     }
 
 
-def val_success(policy, tasks, n: int, device) -> dict:
-    """Greedy real success on `val` reset seeds (never `eval`): what the policy really does, logged beside what the
-    world model and reward model say it does."""
+def val_success(policy, tasks, n: int, device, temperature: float) -> dict:
+    """Real success on `val` reset seeds (never `eval`) at the rollout temperature: what the policy really does,
+    logged beside what the world model and reward model say it does."""
     logs = {}
-    for t in tasks:
-        eps = envs.collect(t, wmpo.policy_fn(policy, 0.0, device), envs.seeds("val", t, n, start=5000), desc=f"val {t}")
-        logs[f"val/real_success/{t}"] = float(np.mean([e["success"][-1] for e in eps]))
+    with torch.random.fork_rng():  # sampling here must not shift the training run's random stream
+        torch.manual_seed(0)  # the same draws at every check: differences between checks are the policy's
+        for t in tasks:
+            eps = envs.collect(t, wmpo.policy_fn(policy, temperature, device), envs.seeds("val", t, n, start=5000),
+                               desc=f"val {t}")
+            logs[f"val/real_success/{t}"] = float(np.mean([e["success"][-1] for e in eps]))
     logs["val/real_success"] = float(np.mean(list(logs.values())))
     return logs
 
@@ -319,7 +322,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
 
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
-        start_val = val_success(policy.eval(), args.tasks, args.val_episodes, args.device)
+        start_val = val_success(policy.eval(), args.tasks, args.val_episodes, args.device, args.grpo.temperature)
         wmpo.log_metrics(args.run_dir, name, {"step": -1, **start_val})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
@@ -365,7 +368,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
             "real_trajectories": used, "dt": time.time() - t0,
         })
         if rank == 0 and args.val_every and ((it + 1) % args.val_every == 0 or it + 1 == iterations):
-            logs.update(val_success(policy.eval(), args.tasks, args.val_episodes, args.device))
+            T = args.grpo.temperature
+            logs.update(val_success(policy.eval(), args.tasks, args.val_episodes, args.device, T))
         if rank == 0:
             wmpo.log_metrics(args.run_dir, name, logs)
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
@@ -411,13 +415,14 @@ def lifelong(args: WMPOArgs):
             args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
-        res = val_success(policy, args.tasks, args.val_episodes, args.device)  # eval.py reports each round's checkpoint
+        # eval.py reports each round's checkpoint
+        res = val_success(policy, args.tasks, args.val_episodes, args.device, args.grpo.temperature)
         files = ["budget.json"] + [f"budget.round{q}.json" for q in range(1, r + 1)]
         paid = [json.load(open(os.path.join(args.run_dir, f))) for f in files]
         row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,
                "real_trajectories": sum(b["real_trajectories"] for b in paid), **res}  # cumulative, as counted
         print(f"round {r}: val real success {res['val/real_success']:.1%} "
-              f"({args.val_episodes} greedy episodes per task)")
+              f"({args.val_episodes} episodes per task at T = {args.grpo.temperature:g})")
         if rank == 0:
             wmpo.log_metrics(args.run_dir, "lifelong", row)
 

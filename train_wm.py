@@ -59,8 +59,8 @@ class Args:
     budget: int = 128
     """P: every real trajectory drawn with the policy that trains or chooses anything (alignment rollouts plus
     validation rollouts), split evenly over tasks; held-out report trajectories only measure and are not counted"""
-    rollout_temperature: float = 1.0
-    """temperature of the base policy's rollouts (the same as WMPO's)"""
+    rollout_temperature: float = 0.5
+    """temperature of the base policy's rollouts (the same as WMPO's, GRPOConfig.temperature)"""
     explore_noise: tuple[float, ...] = (0.3, 0.7, 1.2)
     """action-noise levels of the exploratory noisy-expert episodes"""
     explore_per_level: int = -1

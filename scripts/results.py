@@ -10,7 +10,8 @@ checkpoint used). Writes:
     <out>_training.png    imagined success (world model + reward model) vs real success on `val` seeds during WMPO
     <out>_budget.png      mean greedy success against real trajectories used (sample efficiency), every
                           checkpoint that records its real trajectories
-Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T1" for T = 1.
+Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T0.5" / "<name>@T1" for T = 0.5 / 1
+(0.5: GRPO's rollout temperature, the one to deploy at).
 """
 
 import glob
@@ -29,7 +30,7 @@ class Args:
     out: str = "docs/results"
     """output prefix: <out>.md, <out>_training.png, <out>_budget.png"""
     checkpoints: tuple[str, ...] = ("policy_sft", "policy_grpo_real", "policy_wmpo")
-    """columns of the headline table, in order (with their @T1 variants when evaluated)"""
+    """columns of the headline table, in order (with their @T0.5 / @T1 variants when evaluated)"""
 
 
 LABELS = {"policy_sft": "base (SFT)", "policy_grpo_real": "GRPO-real", "policy_wmpo": "WMPO"}
@@ -66,11 +67,11 @@ def cell(rates: list[float]) -> str:
 
 
 def headline(args: Args, evals: dict) -> str:
-    cols = [c + t for t in ("", "@T1") for c in args.checkpoints if all(c + t in e for e in evals.values())]
+    cols = [c + t for t in ("", "@T0.5", "@T1") for c in args.checkpoints if all(c + t in e for e in evals.values())]
     if not cols:
         return "(no run has eval.json entries for the requested checkpoints)\n"
     tasks = [t for t in next(iter(evals.values()))[cols[0]] if t != "mean" and not t.startswith("generalisation")]
-    names = [LABELS.get(c.split("@")[0], c) + (" T=1" if "@" in c else "") for c in cols]
+    names = [LABELS.get(c.split("@")[0], c) + (f" T={c.split('@T')[1]}" if "@" in c else "") for c in cols]
     lines = ["| task | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(cols)]
     for task in tasks + ["mean"]:
@@ -186,7 +187,7 @@ def main(args: Args):
         e = read_json(os.path.join(run, "eval.json"))
         if e is None:
             raise SystemExit(f"error: {run}/eval.json is missing; make it with: python eval.py --run-dir {run} "
-                             f"--checkpoints {' '.join(args.checkpoints)} --episodes 500 --temperatures 0 1")
+                             f"--checkpoints {' '.join(args.checkpoints)} --episodes 500 --temperatures 0 0.5 1")
         evals[run] = e
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     md = ["## Headline: real success\n", headline(args, evals), "\n## Real budget\n", budget_table(args),

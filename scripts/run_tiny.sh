@@ -31,7 +31,7 @@ step train_wm  "$PY" train_wm.py --run-dir "$DIR" --seed "$SEED" --budget 128
 step wmpo      "$PY" train_policy.py wmpo --run-dir "$DIR" --seed "$SEED"
 step grpo_real "$PY" train_policy.py grpo-real --run-dir "$DIR" --seed "$SEED" --budget 128
 step eval      "$PY" eval.py --run-dir "$DIR" --checkpoints policy_sft policy_grpo_real policy_wmpo \
-                   --episodes "$EPISODES" --temperatures 0 1
+                   --episodes "$EPISODES" --temperatures 0 0.5 1
 step results   "$PY" scripts/results.py "$DIR" --out "$DIR/results"
 
 TOTAL=$(( $(date +%s) - T0 ))
