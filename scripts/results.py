@@ -8,8 +8,8 @@ checkpoint used). Writes:
     <out>.md              headline table (per task and checkpoint: every seed's success [Wilson 95%], mean ± std
                           over seeds), the real budget each method used, the world-model fidelity of each run
     <out>_training.png    imagined success (world model + reward model) vs real success on `val` seeds during WMPO
-    <out>_budget.png      mean greedy success against real trajectories used (sample efficiency), every
-                          checkpoint that records its real trajectories
+    <out>_budget.png      mean success against real trajectories used (sample efficiency): the headline's
+                          GRPO-real / WMPO checkpoints and their budget variants <name>_p<P>, every temperature
 Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T0.5" / "<name>@T1" for T = 0.5 / 1
 (0.5: GRPO's rollout temperature, the one to deploy at).
 """
@@ -34,6 +34,15 @@ class Args:
 
 
 LABELS = {"policy_sft": "base (SFT)", "policy_grpo_real": "GRPO-real", "policy_wmpo": "WMPO"}
+TEMPS = {"": "greedy", "@T0.5": "T=0.5", "@T1": "T=1"}  # eval.json key suffix -> label
+
+
+def label(ckpt: str) -> str:
+    """policy_wmpo -> WMPO; a variant keeps its suffix: policy_wmpo_t0.5 -> WMPO t0.5."""
+    for name, lab in LABELS.items():
+        if ckpt == name or ckpt.startswith(name + "_"):
+            return lab + ckpt[len(name):].replace("_", " ")
+    return ckpt
 
 
 def read_json(path: str):
@@ -67,11 +76,11 @@ def cell(rates: list[float]) -> str:
 
 
 def headline(args: Args, evals: dict) -> str:
-    cols = [c + t for t in ("", "@T0.5", "@T1") for c in args.checkpoints if all(c + t in e for e in evals.values())]
+    cols = [c + t for t in TEMPS for c in args.checkpoints if all(c + t in e for e in evals.values())]
     if not cols:
         return "(no run has eval.json entries for the requested checkpoints)\n"
     tasks = [t for t in next(iter(evals.values()))[cols[0]] if t != "mean" and not t.startswith("generalisation")]
-    names = [LABELS.get(c.split("@")[0], c) + (f" T={c.split('@T')[1]}" if "@" in c else "") for c in cols]
+    names = [label(c.split("@")[0]) + (f" T={c.split('@T')[1]}" if "@" in c else "") for c in cols]
     lines = ["| task | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(cols)]
     for task in tasks + ["mean"]:
@@ -98,9 +107,10 @@ def budget_table(args: Args) -> str:
             lines.append(f"| {run} | WMPO (train_wm.py) | {b['real_trajectories']} of P = {b['budget']} | "
                          f"{b['rollouts']} alignment + {b['val']} validation rollouts; {b['heldout_not_counted']} "
                          "held-out report trajectories not counted (measurement only) |")
-        n = real_trajectories(run, "policy_grpo_real")
-        if n is not None:
-            lines.append(f"| {run} | GRPO-real | {n} | rollouts of the policy being trained |")
+        for ckpt in [c for c in args.checkpoints if c.startswith("policy_grpo_real")]:
+            n = real_trajectories(run, ckpt)
+            if n is not None:
+                lines.append(f"| {run} | {label(ckpt)} | {n} | rollouts of the policy being trained |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,28 +161,33 @@ def budget_plot(args: Args, evals: dict, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = {"GRPO-real": [], "WMPO": []}
+    # the headline's GRPO-real and WMPO checkpoints and their budget variants (<name>_p<P>), at every temperature
+    # evaluated: a colour per method, a line style per temperature
+    methods = [c for c in args.checkpoints if c != "policy_sft"]
+    pts = {(m, t): [] for m in methods for t in TEMPS}
     for run, e in evals.items():
-        for ckpt, res in e.items():
-            if "@" in ckpt or "mean" not in res:
-                continue
-            kind = ("WMPO" if ckpt.startswith("policy_wmpo") else
-                    "GRPO-real" if ckpt.startswith("policy_grpo_real") else None)
-            n = real_trajectories(run, ckpt) if kind else None
+        for key, res in e.items():
+            name, t = key.split("@")[0], key[len(key.split("@")[0]):]
+            m = next((m for m in methods if name == m or name.startswith(m + "_p")), None)
+            n = real_trajectories(run, name) if m and t in TEMPS and "mean" in res else None
             if n is not None:
-                pts[kind].append((n, res["mean"]["success_rate"]))
+                pts[(m, t)].append((n, res["mean"]["success_rate"]))
     if not any(pts.values()):
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for kind, style in [("GRPO-real", dict(marker="o", ls="-")), ("WMPO", dict(marker="*", ms=12, ls=""))]:
-        if pts[kind]:
-            xs, ys = zip(*sorted(pts[kind]))
-            ax.plot(xs, ys, label=kind, **style)
-    base = [e["policy_sft"]["mean"]["success_rate"] for e in evals.values() if "policy_sft" in e]
-    if base:
-        ax.axhline(np.mean(base), color="gray", ls=":", label="base (SFT)")
-    ax.set(xscale="log", xlabel="real trajectories used", ylabel="greedy success (mean over tasks)")
-    ax.legend(fontsize=8)
+    styles = dict(zip(TEMPS, ["-", "--", ":"]))
+    for (m, t), p in pts.items():
+        if p:
+            xs, ys = zip(*sorted(p))
+            i = methods.index(m)
+            ax.plot(xs, ys, color=f"C{i}", ls=styles[t], marker="*" if "wmpo" in m else "o",
+                    ms=12 if "wmpo" in m else 6, label=f"{label(m)}, {TEMPS[t]}")
+    for t in TEMPS:
+        base = [e["policy_sft" + t]["mean"]["success_rate"] for e in evals.values() if "policy_sft" + t in e]
+        if base:
+            ax.axhline(np.mean(base), color="gray", ls=styles[t], lw=0.8, label=f"base (SFT), {TEMPS[t]}")
+    ax.set(xscale="log", xlabel="real trajectories used", ylabel="success (mean over tasks)")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
