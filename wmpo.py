@@ -1118,11 +1118,19 @@ def restore_rng(state: dict) -> None:
 def resume(path: str, model: nn.Module, optimizer, expect: str | None = None) -> dict | None:
     """The one resume step of every training loop: if `path` and its training state (`X.train.pt`) exist, load the
     weights (refusing another model config), the optimizer and the RNG state, and return the state (its "step" is
-    where to go on); else None (start from scratch)."""
-    state = load_train_state(path.replace(".safetensors", ".train.pt"))
-    if state is None or not os.path.exists(path):
+    where to go on); else None (start from scratch). Weights without their training state (copied without it, or
+    an older version's run) are never trained over from scratch: they go on from their own step."""
+    state_path = path.replace(".safetensors", ".train.pt")
+    state = load_train_state(state_path)
+    if not os.path.exists(path):
         return None
     getattr(model, "module", model).load_state_dict(load_same(path, model.cfg, expect=expect).state_dict())
+    if state is None:
+        meta = read_meta(path)
+        print(f"note: {path} has no training state ({state_path}): going on from its step {meta.get('step', 0)} "
+              "with a fresh optimizer")
+        extra = {k: json.loads(meta[k]) for k in ["real_trajectories"] if k in meta}  # GRPO's budget so far
+        return {"step": int(meta.get("step", 0)), **extra}
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state)
     return state

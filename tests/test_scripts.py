@@ -43,6 +43,26 @@ def test_sft_resumes_from_its_checkpoint(run_dir):
 
 
 @pytest.mark.slow
+def test_sft_never_retrains_over_weights_without_their_training_state(run_dir, tmp_path):
+    # a checkpoint copied without its .train.pt (or left by an older version) used to be overwritten by a run
+    # from scratch; now the run goes on from the checkpoint's own step and a finished one is left as it was
+    import shutil
+
+    import wmpo
+
+    d = str(tmp_path / "copy")
+    shutil.copytree(run_dir, d)
+    os.remove(os.path.join(d, "policy_sft.train.pt"))
+    ckpt = os.path.join(d, "policy_sft.safetensors")
+    step = int(wmpo.read_meta(ckpt)["step"])
+    before = open(ckpt, "rb").read()
+    out = run("train_policy.py", "sft", "--run-dir", d, "--demos", "3", "3", "3", "--num-steps", str(step),
+              "--policy.width", "8", "--policy.hidden", "32")
+    assert f"going on from its step {step}" in out.stdout
+    assert open(ckpt, "rb").read() == before
+
+
+@pytest.mark.slow
 def test_sft_writes_its_files(run_dir):
     for f in ["policy_sft.safetensors", "sft.args.json", "sft.metrics.jsonl"]:
         assert os.path.exists(os.path.join(run_dir, f)), f
