@@ -2,14 +2,15 @@
 
     python scripts/results.py runs/seed0 runs/seed1 runs/seed2 --out docs/results
 
-Reads, in each run folder: eval.json (eval.py), budget.json and wm_report.json (train_wm.py), wmpo.metrics.jsonl
-and grpo_real.metrics.jsonl (train_policy.py) and the checkpoints' metadata (real trajectories a GRPO-real
-checkpoint used). Writes:
+Reads, in each run folder: eval.json (eval.py), budget.json and wm_report.json (train_wm.py), the WMPO
+checkpoint's metrics (wmpo.metrics.jsonl for policy_wmpo, wmpo_t0.5.metrics.jsonl for policy_wmpo_t0.5) and the
+checkpoints' metadata (real trajectories a GRPO-real checkpoint used). Writes:
     <out>.md              headline table (per task and checkpoint: every seed's success [Wilson 95%], mean ± std
                           over seeds), the real budget each method used, the world-model fidelity of each run
     <out>_training.png    imagined success (world model + reward model) vs real success on `val` seeds during WMPO
-    <out>_budget.png      mean success against real trajectories used (sample efficiency): the headline's
-                          GRPO-real / WMPO checkpoints and their budget variants <name>_p<P>, every temperature
+    <out>_budget.png      success over the base policy against real trajectories used (sample efficiency):
+                          the headline's GRPO-real / WMPO checkpoints and their variants <name>_p<P>, every
+                          temperature, each point the mean over the runs that have it
 Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T0.5" / "<name>@T1" for T = 0.5 / 1
 (0.5: GRPO's rollout temperature, the one to deploy at).
 """
@@ -138,7 +139,8 @@ def training_plot(args: Args, path: str) -> bool:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
     for i, run in enumerate(args.runs):
-        rows = read_jsonl(os.path.join(run, "wmpo.metrics.jsonl"))
+        wmpo_ckpt = next((c for c in args.checkpoints if c.startswith("policy_wmpo")), "policy_wmpo")
+        rows = read_jsonl(os.path.join(run, wmpo_ckpt.removeprefix("policy_") + ".metrics.jsonl"))
         im = [(r["step"] + 1, r["wmpo/imagined_success"]) for r in rows if "wmpo/imagined_success" in r]
         va = [(r["step"] + 1, r["val/real_success"]) for r in rows if "val/real_success" in r]
         if im:
@@ -162,31 +164,32 @@ def budget_plot(args: Args, evals: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
 
     # the headline's GRPO-real and WMPO checkpoints and their budget variants (<name>_p<P>), at every temperature
-    # evaluated: a colour per method, a line style per temperature
+    # evaluated: a colour per method, a line style per temperature. y is the change over the same run's base policy
+    # at the same temperature, averaged over the runs that have the point: seeds differ by ~10 points in their base,
+    # so raw rates from different seeds would not line up
     methods = [c for c in args.checkpoints if c != "policy_sft"]
-    pts = {(m, t): [] for m in methods for t in TEMPS}
+    pts = {(m, t): {} for m in methods for t in TEMPS}
     for run, e in evals.items():
         for key, res in e.items():
             name, t = key.split("@")[0], key[len(key.split("@")[0]):]
             m = next((m for m in methods if name == m or name.startswith(m + "_p")), None)
-            n = real_trajectories(run, name) if m and t in TEMPS and "mean" in res else None
+            base = e.get("policy_sft" + t, {}).get("mean")
+            n = real_trajectories(run, name) if m and t in TEMPS and "mean" in res and base else None
             if n is not None:
-                pts[(m, t)].append((n, res["mean"]["success_rate"]))
+                pts[(m, t)].setdefault(n, []).append(100 * (res["mean"]["success_rate"] - base["success_rate"]))
     if not any(pts.values()):
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
     styles = dict(zip(TEMPS, ["-", "--", ":"]))
     for (m, t), p in pts.items():
         if p:
-            xs, ys = zip(*sorted(p))
+            xs = sorted(p)
             i = methods.index(m)
-            ax.plot(xs, ys, color=f"C{i}", ls=styles[t], marker="*" if "wmpo" in m else "o",
+            ax.plot(xs, [np.mean(p[x]) for x in xs], color=f"C{i}", ls=styles[t], marker="*" if "wmpo" in m else "o",
                     ms=12 if "wmpo" in m else 6, label=f"{label(m)}, {TEMPS[t]}")
-    for t in TEMPS:
-        base = [e["policy_sft" + t]["mean"]["success_rate"] for e in evals.values() if "policy_sft" + t in e]
-        if base:
-            ax.axhline(np.mean(base), color="gray", ls=styles[t], lw=0.8, label=f"base (SFT), {TEMPS[t]}")
-    ax.set(xscale="log", xlabel="real trajectories used", ylabel="success (mean over tasks)")
+    ax.axhline(0, color="gray", lw=0.8, label="base (SFT), same temperature")
+    ax.set(xscale="log", xlabel="real trajectories used",
+           ylabel="success − base (points,\nmean over tasks and runs)")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,7 +214,8 @@ def main(args: Args):
         path = f"{args.out}_{name}.png"
         if fn(path):
             md.append(f"\n![{name}]({os.path.basename(path)})\n")
-    md.append(f"\nMade by `python scripts/results.py {' '.join(args.runs)} --out {args.out}`.\n")
+    ckpts = "" if args.checkpoints == Args.checkpoints else f" --checkpoints {' '.join(args.checkpoints)}"
+    md.append(f"\nMade by `python scripts/results.py {' '.join(args.runs)}{ckpts} --out {args.out}`.\n")
     open(f"{args.out}.md", "w").write("".join(md))
     print("".join(md))
 
