@@ -16,4 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# subprocess runs of the entry scripts run as a CPU user runs them: PyTorch references for the kernels (the kernels
+# themselves are tested in-process in the Triton interpreter, which is 100x slower and would dominate every
+# world-model run there)
+SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -263,15 +263,15 @@ def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
     }
 
 
-def val_success(policy, tasks, n: int, device, temperature: float) -> dict:
-    """Real success on `val` reset seeds (never `eval`) at the rollout temperature: what the policy really does,
-    logged beside what the world model and reward model say it does."""
+def val_success(policy, args: WMPOArgs) -> dict:
+    """Real success on `val` reset seeds (never `eval`), --val-episodes per task at the rollout temperature: what
+    the policy really does, logged beside what the world model and reward model say it does."""
     logs = {}
+    act = wmpo.policy_fn(policy, args.grpo.temperature, args.device)
     with torch.random.fork_rng():  # sampling here must not shift the training run's random stream
         torch.manual_seed(0)  # the same draws at every check: differences between checks are the policy's
-        for t in tasks:
-            eps = envs.collect(t, wmpo.policy_fn(policy, temperature, device), envs.seeds("val", t, n, start=5000),
-                               desc=f"val {t}")
+        for t in args.tasks:
+            eps = envs.collect(t, act, envs.seeds("val", t, args.val_episodes, start=5000), desc=f"val {t}")
             logs[f"val/real_success/{t}"] = float(np.mean([e["success"][-1] for e in eps]))
     logs["val/real_success"] = float(np.mean(list(logs.values())))
     return logs
@@ -322,7 +322,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
 
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
-        start_val = val_success(policy.eval(), args.tasks, args.val_episodes, args.device, args.grpo.temperature)
+        start_val = val_success(policy.eval(), args)
         wmpo.log_metrics(args.run_dir, name, {"step": -1, **start_val})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
@@ -368,8 +368,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             "real_trajectories": used, "dt": time.time() - t0,
         })
         if rank == 0 and args.val_every and ((it + 1) % args.val_every == 0 or it + 1 == iterations):
-            T = args.grpo.temperature
-            logs.update(val_success(policy.eval(), args.tasks, args.val_episodes, args.device, T))
+            logs.update(val_success(policy.eval(), args))
         if rank == 0:
             wmpo.log_metrics(args.run_dir, name, logs)
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
@@ -415,8 +414,7 @@ def lifelong(args: WMPOArgs):
             args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy = grpo_loop(args, real=False).eval()
-        # eval.py reports each round's checkpoint
-        res = val_success(policy, args.tasks, args.val_episodes, args.device, args.grpo.temperature)
+        res = val_success(policy, args)  # eval.py reports each round's checkpoint
         files = ["budget.json"] + [f"budget.round{q}.json" for q in range(1, r + 1)]
         paid = [json.load(open(os.path.join(args.run_dir, f))) for f in files]
         row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,

@@ -138,8 +138,8 @@ def training_plot(args: Args, path: str) -> bool:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
+    wmpo_ckpt = next((c for c in args.checkpoints if c.startswith("policy_wmpo")), "policy_wmpo")
     for i, run in enumerate(args.runs):
-        wmpo_ckpt = next((c for c in args.checkpoints if c.startswith("policy_wmpo")), "policy_wmpo")
         rows = read_jsonl(os.path.join(run, wmpo_ckpt.removeprefix("policy_") + ".metrics.jsonl"))
         im = [(r["step"] + 1, r["wmpo/imagined_success"]) for r in rows if "wmpo/imagined_success" in r]
         va = [(r["step"] + 1, r["val/real_success"]) for r in rows if "val/real_success" in r]
@@ -171,7 +171,8 @@ def budget_plot(args: Args, evals: dict, path: str) -> bool:
     pts = {(m, t): {} for m in methods for t in TEMPS}
     for run, e in evals.items():
         for key, res in e.items():
-            name, t = key.split("@")[0], key[len(key.split("@")[0]):]
+            name, at, temp = key.partition("@")
+            t = at + temp  # the TEMPS key: "", "@T0.5", "@T1"
             m = next((m for m in methods if name == m or name.startswith(m + "_p")), None)
             base = e.get("policy_sft" + t, {}).get("mean")
             n = real_trajectories(run, name) if m and t in TEMPS and "mean" in res and base else None

@@ -11,10 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from conftest import SCRIPT_ENV  # the scripts' environment: no Triton interpreter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the scripts run as a CPU user runs them: PyTorch references for the kernels (the kernels themselves are tested
-# in-process in the Triton interpreter, which is 100x slower and would dominate every world-model run here)
-SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 TINY = ["--demos", "3", "3", "3", "--policy.width", "8", "--policy.hidden", "32", "--batch-size", "8"]
 
 

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import envs
+from conftest import SCRIPT_ENV  # the scripts' environment: no Triton interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the scripts run as a CPU user runs them: PyTorch references for the kernels (the kernels themselves are tested
-# in-process in the Triton interpreter, which is 100x slower and would dominate every world-model run here)
-SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def run(*args, ok=True):
