@@ -498,6 +498,15 @@ def make(task: str, **kwargs) -> gym.Env:
     return gym.make(task, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def horizon(task: str) -> int:
+    """The task's episode length in actions (an unknown id fails here, before any work)."""
+    env = make(task)
+    out = env.unwrapped.horizon
+    env.close()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # episode storage: safetensors shards, one task per shard (object_pos rows differ between tasks)
 #
@@ -692,6 +701,63 @@ def collect_cached(path: str, task: str, act, seeds: list[int], desc: str = "", 
     eps = collect(task, act, seeds, desc=desc, full_horizon=full_horizon)
     save_episodes(path, eps, full_horizon=full_horizon, **meta)
     return eps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real env as GRPO sees it: batched action chunks in, frames out, the simulator's success as the judge
+
+
+class RealChunkEnv:
+    """Real vectorised envs behind the world model's interface (wmpo.WorldModelEnv), so GRPO runs the same code in
+    the simulator and in imagination: start / reset, step(action chunks) -> K frames each, judge() -> the
+    simulator's per-frame success. Finished envs repeat their last frame (as the world model keeps imagining).
+    Every reset is a real trajectory: `real_trajectories` counts them (the budget P)."""
+
+    def __init__(self, task: str, num_envs: int):
+        self.task = task
+        self.venv = make_vec(task, num_envs)
+        self.num_envs = num_envs
+        self.real_trajectories = 0
+        self.next_seed = 0  # start() draws fresh `grpo_real` seeds from here on: every trajectory is a new one
+
+    def start(self, B: int, G: int):
+        """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        fresh = seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
+        self.next_seed += world * B
+        frames0 = self.reset([s for s in fresh for _ in range(G)])
+        return frames0, self.instructions
+
+    def reset(self, seeds: list[int]):
+        obs, info = self.venv.reset(seed=seeds)
+        self.real_trajectories += len(seeds)
+        self.instructions = list(self.venv.get_attr("instruction"))
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.last = torch.as_tensor(obs)
+        self.success = torch.zeros(self.num_envs, 1, dtype=torch.bool)  # (b, frames so far): the simulator's verdict
+        return self.last.clone()
+
+    def step(self, actions: torch.Tensor) -> torch.Tensor:
+        """action chunks (b, K, a) -> K frames, uint8 (b, K, h, w, c); per-frame success appended to self.success."""
+        frames, success = [], []
+        for j in range(actions.shape[1]):
+            obs, _, term, trunc, info = self.venv.step(actions[:, j].cpu().numpy())
+            obs = torch.as_tensor(obs)
+            self.last = torch.where(self.done[:, None, None, None], self.last, obs)
+            succ = torch.as_tensor(info["success"]) & ~self.done
+            self.done |= torch.as_tensor(term | trunc)
+            frames.append(self.last.clone())
+            success.append(succ)
+        self.success = torch.cat([self.success, torch.stack(success, 1)], 1)
+        return torch.stack(frames, 1)
+
+    def judge(self, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame success (b, t) bool since the last reset: what the simulator said (the frames are its own)."""
+        return self.success[:, : frames.shape[1]]
+
+    def close(self):
+        self.venv.close()
 
 
 def task_name(task: str) -> str:

@@ -132,7 +132,6 @@ def sft(args: SFTArgs):
     start = state["step"] if state else 0
     if start:
         print(f"resuming SFT from step {start}")
-
     net = wmpo.wrap_ddp(policy)  # the policy itself in one process
     bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
@@ -223,23 +222,6 @@ class GRPORealArgs(WMPOArgs):
 WMPO_PRESETS = {"tiny": 15, "small": 60, "gpu": 200}
 
 
-def rollout(policy, world, horizon: int, B: int, G: int, temperature: float) -> dict:
-    """B initial states x G samples in `world` (imagined or real: the same interface), judged by the world itself
-    (the reward model or the simulator). Returns per-trajectory tensors."""
-    K, E = policy.cfg.chunk, policy.cfg.execute
-    n_chunks = -(-horizon // E)  # enough chunks to reach the task's horizon (E actions of each run)
-    frames0, instr = world.start(B, G)
-    obs, tokens, frames = wmpo.imagine(policy, world, frames0, instr, n_chunks, temperature)
-    # imagination is never easier than reality: frames past the task's horizon do not count (the real env has
-    # stopped there), and a trajectory without success is judged on all its `horizon` actions
-    valid = torch.arange(frames.shape[1]) <= horizon
-    success, first = wmpo.detect_success(world.judge(frames).float(), 0.5, valid[None].expand(len(frames), -1))
-    finish = torch.where(success, first, torch.full_like(first, horizon))
-    return {"obs": obs, "tokens": tokens, "words": policy.text.tokenize(instr).cpu(), "success": success,
-            "finish": finish, "token_mask": wmpo.action_mask(finish, n_chunks, K, policy.cfg.action_dim, E),
-            "frames": frames}
-
-
 def first_frames(run_dir: str, task: str):
     """WMPO's initial states: the first frames of the real rollouts train_wm.py collected (all rounds so far), so
     imagination draws nothing more from the real env than the budget P already counts (budget.json)."""
@@ -248,19 +230,6 @@ def first_frames(run_dir: str, task: str):
         raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
                          f"python train_wm.py --run-dir {run_dir}")
     return torch.from_numpy(np.stack([e["frames"][0] for e in eps])), [e["instruction"] for e in eps]
-
-
-def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
-    """Per-trajectory rollouts -> one row per chosen chunk (the unit the policy acts in)."""
-    b, n = tr["token_mask"].shape[:2]
-    return {
-        "obs": rearrange(tr["obs"], "b n h w c -> (b n) h w c"),
-        "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
-        "words": tr["words"].repeat_interleave(n, 0),
-        "adv": adv.repeat_interleave(n, 0),
-        "token_mask": rearrange(tr["token_mask"], "b n ka -> (b n) ka"),
-        "mask": rearrange(tr["token_mask"].any(-1) & keep[:, None], "b n -> (b n)"),  # rows with any counted action
-    }
 
 
 def val_success(policy, args: WMPOArgs) -> dict:
@@ -281,11 +250,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     from kernels.grpo import group_advantages
 
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
-    horizons = []
-    for t in args.tasks:  # unknown ids fail here, before any work
-        env = envs.make(t)
-        horizons.append(env.unwrapped.horizon)
-        env.close()
+    horizons = [envs.horizon(t) for t in args.tasks]  # unknown ids fail here, before any work
     wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"], non_negative=["grpo.temperature", "val_every"],
                      at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
@@ -302,14 +267,11 @@ def grpo_loop(args: WMPOArgs, real: bool):
     G = args.grpo.group_size
     B = args.states_per_task_real if real else args.grpo.states_per_task
     if real:
-        worlds = [wmpo.RealChunkEnv(t, B * G) for t in args.tasks]
-    else:
-        make = f"python train_wm.py --run-dir {args.run_dir}"
-        get = lambda f, kind: wmpo.load(  # noqa: E731
-            wmpo.require(os.path.join(args.run_dir, f"{f}.safetensors"), make), args.device, expect=kind).eval()
-        codec, wm = get("codec", "FrameCodec"), get(args.world_model, "WorldModel")
-        reward = get(args.reward_model, "RewardModel")
-        worlds = [wmpo.WorldModelEnv(wm, codec, args.device, reward, first_frames(args.run_dir, t)) for t in args.tasks]
+        worlds = [envs.RealChunkEnv(t, B * G) for t in args.tasks]
+    else:  # one world and reward model, one pool of real first frames per task
+        w = wmpo.load_world(args.run_dir, args.device, args.world_model, args.reward_model)
+        worlds = [wmpo.WorldModelEnv(w.wm, w.codec, args.device, w.reward, first_frames(args.run_dir, t))
+                  for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
     out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
     state = wmpo.resume(out_path, policy, opt, expect="VLA")
@@ -320,10 +282,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
         print(f"resuming {name} from iteration {start}")
     used = used_before
     per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
-
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
-        start_val = val_success(policy.eval(), args)
-        wmpo.log_metrics(args.run_dir, name, {"step": -1, **start_val})
+        wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args)})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
         if used + per_iteration > args.budget:
@@ -334,10 +294,10 @@ def grpo_loop(args: WMPOArgs, real: bool):
         rows, logs, n_traj, kept_groups, total_groups = [], {}, 0, 0, 0
         for attempt in range(1 + (0 if real else args.grpo.resample_rounds)):
             for w, task, horizon in zip(worlds, args.tasks, horizons):
-                tr = rollout(policy, w, horizon, B, G, args.grpo.temperature)
+                tr = wmpo.rollout(policy, w, horizon, B, G, args.grpo.temperature)
                 adv, stats = group_advantages(tr["success"].float(), G, return_stats=True)
                 keep = stats["keep"].repeat_interleave(G)
-                rows.append(flatten_rows(tr, adv, keep))
+                rows.append(wmpo.flatten_rows(tr, adv, keep))
                 logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
                 # how hard the policy pushes (an idling or saturating policy shows here first)
                 act = wmpo.tokens_to_action(tr["tokens"], policy.cfg.bins).abs().float()

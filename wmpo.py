@@ -26,10 +26,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (before any MuJoCo renderer: see envs.py)
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+import envs
 
 # Denormal floats (|x| < 1e-38) make CPU convolutions 10-50x slower; gradients of near-constant latents produce them
 # (measured: 2.6 s vs 0.2 s per world-model step on a one-blob latent). Flushing them to zero changes no result.
@@ -42,8 +47,6 @@ torch.set_flush_denormal(True)
 
 
 def build_vocab() -> list[str]:
-    import envs
-
     words = set()
     for tmpl in envs.REACH_TEMPLATES + envs.PUSH_TEMPLATES + envs.PUSH_TWO_TEMPLATES:
         words.update(tmpl.replace(",", " ").split())
@@ -174,13 +177,9 @@ class VLA(nn.Module):
         self.conv3 = nn.Conv2d(w, w, 3, padding=1)
         self.film3 = FiLM(td, w)
         self.conv4 = nn.Conv2d(w, cfg.keypoints, 3, padding=1)
-        self.head = nn.Sequential(
-            nn.Linear(2 * cfg.keypoints + td, cfg.hidden),
-            nn.GELU(),
-            nn.Linear(cfg.hidden, cfg.hidden),
-            nn.GELU(),
-            nn.Linear(cfg.hidden, cfg.chunk * cfg.action_dim * cfg.bins),
-        )
+        self.head = nn.Sequential(nn.Linear(2 * cfg.keypoints + td, cfg.hidden), nn.GELU(),
+                                  nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                                  nn.Linear(cfg.hidden, cfg.chunk * cfg.action_dim * cfg.bins))
 
     def logits(self, frames: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """frames uint8 (b, h, w, c), words (b, l) -> logits (b, k*a, v)."""
@@ -425,8 +424,8 @@ class AttnBlock(nn.Module):
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             offset = cache[0].shape[2] // 64
             # the rollout kernel is forward-only; an unrolled training step (grads on) takes the reference
-            rollout = frame_attention_rollout if not torch.is_grad_enabled() else frame_attention_rollout_ref
-            a = rollout(q, k, v, 64, offset)
+            attend = frame_attention_rollout if not torch.is_grad_enabled() else frame_attention_rollout_ref
+            a = attend(q, k, v, 64, offset)
         x = x + self.proj(rearrange(a, "b nh n dh -> b n (nh dh)"))
         x = x + self.mlp(self.ln2(x))
         return x, (k, v)
@@ -559,14 +558,11 @@ class WorldModel(nn.Module):
         ratio = err.mean() / copy.clamp(min=1e-8)  # < 1: better than copying the last frame
         return loss, {"wm/loss": loss.item(), "wm/mse": err.mean().item(), "wm/mse_vs_copy": ratio.item()}
 
-    @torch.no_grad()
-    def predict(self, z_ctx, ctx_actions, actions):
-        """Sample = the deterministic unroll. Same arguments as `unroll`."""
-        return self.unroll(z_ctx, ctx_actions, actions)
+    predict = torch.no_grad()(unroll)  # a sample is the deterministic unroll, without gradients
 
 
 class WorldModelEnv:
-    """The world model as a batched env, with the real env's interface (RealChunkEnv): start / reset, step, judge.
+    """The world model as a batched env, with the real env's interface (envs.RealChunkEnv): start / reset, step, judge.
 
     reset(frames, instructions) starts from given real frames; step(action chunks (b, K, a)) -> frames uint8
     (b, K, h, w, c). Generated frames are decoded, quantised to uint8 (what the policy sees) and re-encoded as the next
@@ -577,13 +573,11 @@ class WorldModelEnv:
     real_trajectories = 0  # imagination draws nothing from the real env: the budget P counts none of it
 
     def __init__(self, wm: WorldModel, codec: FrameCodec, device="cpu", reward=None, starts=None):
-        self.wm, self.codec, self.device, self.reward = wm, codec, device, reward
+        self.wm, self.codec, self.device, self.reward, self.starts = wm, codec, device, reward, starts
         self.chunk = wm.cfg.chunk
-        self.starts = starts
 
     def start(self, B: int, G: int):
-        """B initial states drawn from the pool, each G times (consecutive rows form a group).
-        Returns (frames, instructions)."""
+        """B initial states drawn from the pool, each G times (a group: consecutive rows) -> (frames, instructions)."""
         frames, instr = self.starts
         idx = torch.randint(len(frames), (B,))
         frames0 = frames[idx].repeat_interleave(G, 0)
@@ -608,8 +602,7 @@ class WorldModelEnv:
         C = self.wm.cfg.context
         z = self.wm.predict(self.ctx, self.ctx_actions, actions)
         frames = self.codec.to_uint8(self.codec.decode(z))  # (b, K, h, w, c)
-        z_clean = self.codec.encode(frames)
-        self.ctx = torch.cat([self.ctx, z_clean], 1)[:, -C:]
+        self.ctx = torch.cat([self.ctx, self.codec.encode(frames)], 1)[:, -C:]
         self.ctx_actions = torch.cat([self.ctx_actions, actions], 1)[:, -(C - 1) :]
         return frames
 
@@ -624,68 +617,15 @@ class WorldModelEnv:
         pass  # nothing to release: the real env's counterpart closes its simulators
 
 
-def load_world(run_dir: str, device="cpu") -> WorldModelEnv:
+def load_world(run_dir: str, device="cpu", world_model: str = "wm", reward_model: str | None = None, starts=None):
     """The trained world model of a run folder as an env: reset(frames uint8 (b, 64, 64, 3), instructions), then
-    step(actions (b, K, 2)) -> imagined frames uint8 (b, K, 64, 64, 3)."""
+    step(actions (b, K, 2)) -> imagined frames uint8 (b, K, 64, 64, 3). With a reward model and `starts` it is
+    GRPO's world (start, judge); world_model / reward_model name checkpoints (lifelong round r: wm.round<r>)."""
     make = f"python train_wm.py --run-dir {run_dir}"
-    codec = load(require(os.path.join(run_dir, "codec.safetensors"), make), device, expect="FrameCodec")
-    wm = load(require(os.path.join(run_dir, "wm.safetensors"), make), device, expect="WorldModel")
-    return WorldModelEnv(wm.eval(), codec.eval(), device)
-
-
-class RealChunkEnv:
-    """Real vectorised envs behind the world model's interface: start / reset, step(action chunks) -> K frames each,
-    judge() -> the simulator's per-frame success. Finished envs repeat their last frame (as the WM keeps imagining).
-    Every reset is a real trajectory: `real_trajectories` counts them (the budget P)."""
-
-    def __init__(self, task: str, num_envs: int):
-        import envs
-
-        self.task = task
-        self.venv = envs.make_vec(task, num_envs)
-        self.num_envs = num_envs
-        self.real_trajectories = 0
-        self.next_seed = 0  # start() draws fresh `grpo_real` seeds from here on: every trajectory is a new one
-
-    def start(self, B: int, G: int):
-        """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
-        import envs
-
-        rank, world = dist_init()
-        seeds = envs.seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
-        self.next_seed += world * B
-        frames0 = self.reset([s for s in seeds for _ in range(G)])
-        return frames0, self.instructions
-
-    def reset(self, seeds: list[int]):
-        obs, info = self.venv.reset(seed=seeds)
-        self.real_trajectories += len(seeds)
-        self.instructions = list(self.venv.get_attr("instruction"))
-        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
-        self.last = torch.as_tensor(obs)
-        self.success = torch.zeros(self.num_envs, 1, dtype=torch.bool)  # (b, frames so far): the simulator's verdict
-        return self.last.clone()
-
-    def step(self, actions: torch.Tensor) -> torch.Tensor:
-        """action chunks (b, K, a) -> K frames, uint8 (b, K, h, w, c); per-frame success appended to self.success."""
-        frames, success = [], []
-        for j in range(actions.shape[1]):
-            obs, _, term, trunc, info = self.venv.step(actions[:, j].cpu().numpy())
-            obs = torch.as_tensor(obs)
-            self.last = torch.where(self.done[:, None, None, None], self.last, obs)
-            succ = torch.as_tensor(info["success"]) & ~self.done
-            self.done |= torch.as_tensor(term | trunc)
-            frames.append(self.last.clone())
-            success.append(succ)
-        self.success = torch.cat([self.success, torch.stack(success, 1)], 1)
-        return torch.stack(frames, 1)
-
-    def judge(self, frames: torch.Tensor) -> torch.Tensor:
-        """Per-frame success (b, t) bool since the last reset: what the simulator said (the frames are its own)."""
-        return self.success[:, : frames.shape[1]]
-
-    def close(self):
-        self.venv.close()
+    get = lambda name, kind: load(  # noqa: E731
+        require(os.path.join(run_dir, f"{name}.safetensors"), make), device, expect=kind).eval()
+    reward = get(reward_model, "RewardModel") if reward_model else None
+    return WorldModelEnv(get(world_model, "WorldModel"), get("codec", "FrameCodec"), device, reward, starts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -747,9 +687,7 @@ class RewardModel(nn.Module):
     def forward(self, frames, words, labels=None):
         """Success probability of the clip ending at each frame: (b, t). Called as reward(frames, words).
         With labels, the training loss instead (so DistributedDataParallel, which hooks forward, can wrap it)."""
-        if labels is not None:
-            return self.loss(frames, words, labels)
-        return self.clip_logits(frames, words).sigmoid()
+        return self.loss(frames, words, labels) if labels is not None else self.clip_logits(frames, words).sigmoid()
 
     def loss(self, frames, words, labels):
         """Clip classification: frames (b, 8, h, w, c), labels (b,) in {0, 1}. Returns (loss, logs)."""
@@ -783,8 +721,6 @@ class Windows:
     frame repeats under zero actions (what the simulator shows when the pusher holds still)."""
 
     def __init__(self, latents, actions, episodes, C, K, motion=0.0):
-        import envs
-
         self.z, self.a, self.C, self.K, self.motion = latents, actions, C, K, motion
         self.frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1)
                                       for i, z in enumerate(latents)])  # (episode, target frame) rows
@@ -908,41 +844,20 @@ class GRPOConfig:
 
     group_size: int = 8  # G trajectories per initial state (the paper's 8)
     states_per_task: int = 8  # B initial states per task per iteration
-    # rollout temperature (paper 1.6), also the one to deploy at. Measured (runs/tiny-s0, 300 `val` episodes per
-    # task, Reach / PushCube): the SFT policy greedy 73.0 / 45.0, at T=0.5 86.7 / 53.7 (per-token argmax is a poor
-    # decoder of these wide 256-bin distributions); real-env GRPO with 2,880 trajectories at T=1 left T=0.5 success
-    # at 84.3 / 54.0, at T=0.5 raised it to 88.7 / 62.3 (seed 0; on seed 1 it did not gain: 64.7 / 47.0 -> 65.7 / 45.3).
+    # rollout temperature (paper 1.6), also the one to deploy at: the SFT policy scores 86.7 / 53.7 on `val` Reach /
+    # PushCube at T=0.5 vs 73.0 / 45.0 greedy (per-token argmax is a poor decoder of these wide 256-bin
+    # distributions); real-env GRPO at T=1 did not raise them, at T=0.5 it did on seed 0 (README "The oracle").
     temperature: float = 0.5
     clip_low: float = 0.2  # epsilon_low (the paper's)
     clip_high: float = 0.28  # epsilon_high, clip-higher (the paper's)
-    # paper 5e-6 for a 7B model. Measured with real rewards (grpo-real, P = 512, runs/tiny-s0, 300 greedy `val`
-    # episodes per task, Reach / PushCube / PushTwo; base 73.0 / 45.0 / 3.3): 5e-4 (the old default) 62.7 / 30.7 /
-    # 2.0, clip fraction 0.21, KL 0.063 per update: it unlearns; 1e-4 74.0 / 44.7 / 2.3 (clip 0.03, KL 0.011);
-    # 3e-5 78.3 / 42.7 / 2.3. 1e-4: the largest that does not hurt.
+    # paper 5e-6 for a 7B model. With real rewards 5e-4 unlearns (`val` greedy mean 40.4 -> 31.8, clip fraction 0.21,
+    # KL 0.063 per update); 1e-4 is the largest that does not hurt (README "GRPO's step size").
     lr: float = 1e-4
     epochs: int = 2  # passes over each batch (paper 1; the prototype's clip fraction was ~0 with one pass at lr 1e-4)
     minibatches: int = 4  # optimiser steps per epoch (the paper: 512 trajectories in mini-batches of 128)
     max_grad_norm: float = 1.0  # gradient clipping before each optimiser step
     agg: str = "token-mean"  # loss aggregation (kernels.grpo): token-mean (the paper's) | seq-mean-token-mean | ...
     resample_rounds: int = 0  # dynamic sampling: extra rollouts when under half the groups are kept (costs 2x on CPU)
-
-
-def imagine(policy: VLA, world, frames0, instructions, n_chunks: int, temperature: float):
-    """Roll the policy out in `world` (WorldModelEnv or RealChunkEnv) for n_chunks action chunks.
-
-    The first E = policy.cfg.execute actions of each chunk run, then the policy looks again (as in the real env).
-    Returns obs (b, n_chunks, h, w, c) — the frame each chunk was chosen from — tokens (b, n_chunks, k*a) and
-    frames (b, 1 + n_chunks*E, h, w, c), the whole trajectory the judge scores.
-    """
-    words = policy.text.tokenize(instructions)
-    cur = frames0
-    obs, toks, frames = [], [], [frames0[:, None]]
-    for _ in range(n_chunks):
-        actions, tokens, _ = policy.act(cur.to(words.device), words, temperature)
-        new = world.step(actions[:, : policy.cfg.execute]).to(frames0.device)  # (b, E, h, w, c)
-        obs.append(cur), toks.append(tokens.cpu()), frames.append(new)
-        cur = new[:, -1]
-    return torch.stack(obs, 1), torch.stack(toks, 1), torch.cat(frames, 1)
 
 
 def action_mask(finish: torch.Tensor, n_chunks: int, K: int, A: int, E: int | None = None) -> torch.Tensor:
@@ -955,6 +870,46 @@ def action_mask(finish: torch.Tensor, n_chunks: int, K: int, A: int, E: int | No
     step = torch.arange(n_chunks)[:, None] * E + j[None]  # (n, K) global index of each action
     ran = (j < E)[None, None] & (step[None] < finish[:, None, None])
     return repeat(ran, "b n k -> b n (k a)", a=A)
+
+
+def rollout(policy: VLA, world, horizon: int, B: int, G: int, temperature: float) -> dict:
+    """B initial states x G samples rolled out in `world` (WorldModelEnv or envs.RealChunkEnv: the same interface)
+    and judged by the world itself (the reward model or the simulator). The first E = policy.cfg.execute actions
+    of each chunk run, then the policy looks again (as in the real env). Returns per-trajectory tensors: obs
+    (b, n, h, w, c) the frame each chunk was chosen from, tokens (b, n, k*a), words, success, finish, token_mask
+    (b, n, k*a) and frames (b, 1 + n*E, h, w, c), the whole trajectory the judge scored."""
+    K, E = policy.cfg.chunk, policy.cfg.execute
+    n_chunks = -(-horizon // E)  # enough chunks to reach the task's horizon (E actions of each run)
+    cur, instr = world.start(B, G)
+    words = policy.text.tokenize(instr)
+    obs, toks, frames = [], [], [cur[:, None]]
+    for _ in range(n_chunks):
+        actions, tokens, _ = policy.act(cur.to(words.device), words, temperature)
+        new = world.step(actions[:, :E]).to(cur.device)  # (b, E, h, w, c)
+        obs.append(cur), toks.append(tokens.cpu()), frames.append(new)
+        cur = new[:, -1]
+    frames = torch.cat(frames, 1)
+    # imagination is never easier than reality: frames past the task's horizon do not count (the real env has
+    # stopped there), and a trajectory without success is judged on all its `horizon` actions
+    valid = torch.arange(frames.shape[1]) <= horizon
+    success, first = detect_success(world.judge(frames).float(), 0.5, valid[None].expand(len(frames), -1))
+    finish = torch.where(success, first, torch.full_like(first, horizon))
+    return {"obs": torch.stack(obs, 1), "tokens": torch.stack(toks, 1), "words": words.cpu(), "success": success,
+            "finish": finish, "token_mask": action_mask(finish, n_chunks, K, policy.cfg.action_dim, E),
+            "frames": frames}
+
+
+def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
+    """Per-trajectory rollouts -> one row per chosen chunk (the unit the policy acts in)."""
+    b, n = tr["token_mask"].shape[:2]
+    return {
+        "obs": rearrange(tr["obs"], "b n h w c -> (b n) h w c"),
+        "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
+        "words": tr["words"].repeat_interleave(n, 0),
+        "adv": adv.repeat_interleave(n, 0),
+        "token_mask": rearrange(tr["token_mask"], "b n ka -> (b n) ka"),
+        "mask": rearrange(tr["token_mask"].any(-1) & keep[:, None], "b n -> (b n)"),  # rows with any counted action
+    }
 
 
 def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:
@@ -983,10 +938,9 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
             mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             opt.step()
-            logs["grpo/loss"].append(loss.item())
-            logs["grpo/clipfrac"].append(m["clipfrac"].item())
-            logs["grpo/approx_kl"].append(m["approx_kl"].item())
-            logs["grpo/grad_norm"].append(grad_norm.item())
+            for k, v in [("loss", loss), ("clipfrac", m["clipfrac"]), ("approx_kl", m["approx_kl"]),
+                         ("grad_norm", grad_norm)]:
+                logs[f"grpo/{k}"].append(v.item())
             with torch.no_grad():
                 logs["grpo/entropy"].append(policy.entropy(o[:64], w[:64], cfg.temperature).item())
     out = {k: float(sum(v) / max(len(v), 1)) for k, v in logs.items()}
@@ -1009,8 +963,6 @@ def atomic_write(path: str, write_fn) -> None:
 
 
 def save(model: nn.Module, path: str, step: int = 0, **extra) -> None:
-    from safetensors.torch import save_file
-
     model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixed names
     model = getattr(model, "module", model)  # nor a DDP wrapper's
     meta = {"kind": type(model).__name__, "config": json.dumps(asdict(model.cfg)), "step": str(step)}
@@ -1022,8 +974,6 @@ def save(model: nn.Module, path: str, step: int = 0, **extra) -> None:
 
 
 def read_meta(path: str) -> dict:
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -1035,8 +985,6 @@ def read_meta(path: str) -> dict:
 
 def load(path: str, device="cpu", expect: str | None = None) -> nn.Module:
     """Rebuild a model from a checkpoint alone (its config is in the metadata); clear errors name the problem."""
-    from safetensors.torch import load_file
-
     meta = read_meta(path)
     kind = meta.get("kind")
     if kind not in MODELS:
@@ -1044,12 +992,11 @@ def load(path: str, device="cpu", expect: str | None = None) -> nn.Module:
     if expect is not None and kind != expect:
         raise ValueError(f"checkpoint {path} holds a {kind}, expected a {expect}")
     module_cls, cfg_cls = MODELS[kind]
-    cfg_dict = json.loads(meta["config"])
     if kind in ("VLA", "RewardModel") and "vocab" not in meta:
         raise ValueError(f"checkpoint {path} has no vocabulary in its metadata: it predates word lists saved with "
                          "checkpoints (issue 15) and would decode instructions with today's word ids; retrain it")
     try:
-        cfg = cfg_cls(**cfg_dict)
+        cfg = cfg_cls(**json.loads(meta["config"]))
     except TypeError as e:
         raise ValueError(f"checkpoint {path}: config does not match {cfg_cls.__name__} ({e})") from e
     model = module_cls(cfg, json.loads(meta["vocab"])) if "vocab" in meta else module_cls(cfg)
@@ -1145,22 +1092,13 @@ def lr_at(step: int, num_steps: int, peak: float, warmup: int = 100, floor: floa
 
 def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None) -> None:
     """Out-of-range flags stop a run before any work, with one line naming the flag (nested: --grpo.lr)."""
-    def get(name):
-        obj = args
+    rules = [(n, ">", 0) for n in positive] + [(n, ">=", 0) for n in non_negative]
+    for name, op, low in rules + [(n, ">=", low) for n, low in (at_least or {}).items()]:
+        value = args
         for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name in positive:
-        if not get(name) > 0:
-            raise SystemExit(f"error: {flag(name)} must be > 0, got {get(name)}")
-    for name in non_negative:
-        if not get(name) >= 0:
-            raise SystemExit(f"error: {flag(name)} must be >= 0, got {get(name)}")
-    for name, low in (at_least or {}).items():
-        if not get(name) >= low:
-            raise SystemExit(f"error: {flag(name)} must be >= {low}, got {get(name)}")
+            value = getattr(value, part)
+        if not (value > low if op == ">" else value >= low):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {op} {low}, got {value}")
 
 
 MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig),
@@ -1207,8 +1145,6 @@ def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
 
 def dist_init() -> tuple[int, int]:
     """(rank, world size). Under torchrun, joins the process group: NCCL on GPU, gloo on CPU."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -1219,38 +1155,32 @@ def dist_init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over ranks (the tensor itself in a single process)."""
-    if distributed():
+    if dist.is_initialized():
         x = x.clone()
-        torch.distributed.all_reduce(x)
+        dist.all_reduce(x)
     return x
 
 
 def barrier() -> None:
-    if distributed():
-        torch.distributed.barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def wrap_ddp(model: nn.Module) -> nn.Module:
     """DistributedDataParallel around `model` when running under torchrun, else the model itself."""
-    return nn.parallel.DistributedDataParallel(model) if distributed() else model
+    return nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
 
 
 def mean_grads(model: nn.Module) -> None:
     """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
-    if not distributed():
+    if not dist.is_initialized():
         return
     for p in model.parameters():
         if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= torch.distributed.get_world_size()
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def require(path: str, command: str) -> str:

@@ -15,7 +15,6 @@ Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T0.5" / "<n
 (0.5: GRPO's rollout temperature, the one to deploy at).
 """
 
-import glob
 import json
 import os
 from dataclasses import dataclass

@@ -1,9 +1,7 @@
 """wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
 
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,7 +265,7 @@ def test_world_model_env_matches_real_chunk_env_shapes():
     torch.manual_seed(0)
     codec = wmpo.FrameCodec(wmpo.CodecConfig(width=8))
     wm = wmpo.WorldModel(WM_CFG)
-    real = wmpo.RealChunkEnv("wmpo/PushCube-v0", 2)
+    real = envs.RealChunkEnv("wmpo/PushCube-v0", 2)
     f0 = real.reset([1, 2])
     imag = wmpo.WorldModelEnv(wm, codec)
     f0_i = imag.reset(f0, real.instructions)
@@ -330,7 +328,6 @@ def test_masked_chunks_get_no_gradient():
     f, w = frames(4), wmpo.tokenize(["go to the red pad"] * 4, wmpo.VOCAB)
     _, tokens, _ = pol.act(f, w, 1.0)
     cfg = wmpo.GRPOConfig(lr=1e-2, minibatches=1)
-    opt = torch.optim.SGD(pol.parameters(), lr=cfg.lr)
     # rows 2, 3 masked (after the success frame): giving them huge advantages must change nothing
     base = {"obs": f, "words": w, "tokens": tokens, "mask": torch.tensor([True, True, False, False]),
             "token_mask": torch.ones(4, 16, dtype=torch.bool)}
@@ -366,7 +363,6 @@ def test_masked_actions_inside_a_chunk_get_no_gradient():
 
 def test_action_mask_and_dynamic_sampling_drop_uniform_groups():
     from kernels.grpo import group_advantages
-    from train_policy import flatten_rows
 
     m = wmpo.action_mask(torch.tensor([0, 9, 16, 30]), n_chunks=4, K=8, A=2)  # (4, 4, 16)
     counted = m.reshape(4, 4, 8, 2)[..., 0].reshape(4, 32)  # per action, in execution order
@@ -381,6 +377,6 @@ def test_action_mask_and_dynamic_sampling_drop_uniform_groups():
     keep = st["keep"].repeat_interleave(4)
     tr = {"obs": torch.zeros(8, 2, 64, 64, 3, dtype=torch.uint8), "tokens": torch.zeros(8, 2, 16, dtype=torch.long),
           "words": torch.zeros(8, 24, dtype=torch.long), "token_mask": torch.ones(8, 2, 16, dtype=torch.bool)}
-    rows = flatten_rows(tr, adv, keep)
+    rows = wmpo.flatten_rows(tr, adv, keep)
     assert rows["mask"].tolist() == [False] * 8 + [True] * 8
     assert rows["adv"][8:].abs().sum() > 0 and rows["adv"][:8].abs().sum() == 0
