@@ -129,6 +129,42 @@ def fidelity_table(args: Args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lifelong_table(args: Args) -> str:
+    """Lifelong rounds (train_policy.py wmpo --rounds N, lifelong.metrics.jsonl): each round's checkpoint, the real
+    trajectories paid so far, its real success on `val` seeds (logged by the run) and on `eval` seeds (eval.json or
+    eval_lifelong.json), beside the real-env GRPO checkpoint with the same GRPO settings (temperature, lr) and the
+    smallest budget P >= the round's cumulative count."""
+    lines = []
+    for run in args.runs:
+        rows = read_jsonl(os.path.join(run, "lifelong.metrics.jsonl"))
+        if not rows:
+            continue
+        ev = {**(read_json(os.path.join(run, "eval.json")) or {}),
+              **(read_json(os.path.join(run, "eval_lifelong.json")) or {})}
+        rate = lambda key: f"{100 * ev[key]['mean']['success_rate']:.1f}" if key in ev else "-"  # noqa: E731
+        wmpo_args = read_json(os.path.join(run, rows[0]["checkpoint"].removeprefix("policy_") + ".args.json"))
+        grpo = wmpo_args["grpo"]
+        real = []  # (P, checkpoint) of evaluated GRPO-real runs with the same temperature and lr
+        for key in ev:
+            a = read_json(os.path.join(run, key.removeprefix("policy_") + ".args.json"))
+            if key.startswith("policy_grpo_real") and a and all(a["grpo"][k] == grpo[k] for k in ("temperature", "lr")):
+                real.append((a["budget"], key))
+        t = f"@T{grpo['temperature']:g}"
+        lines += [f"\n{run} (success %, mean over tasks; `val`: {wmpo_args['val_episodes']} episodes per task):\n",
+                  f"| round | WMPO checkpoint | world model | real trajectories | val T={grpo['temperature']:g} | "
+                  f"eval greedy | eval T={grpo['temperature']:g} | GRPO-real (P) | eval greedy | "
+                  f"eval T={grpo['temperature']:g} |", "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| base | policy_sft | - | 0 | - | {rate('policy_sft')} | {rate('policy_sft' + t)} | | | |"]
+        for r in rows:
+            n = r["real_trajectories"]
+            P, ck = min([(P, k) for P, k in real if P >= n], default=(None, None))
+            other = f"{ck} ({P}) | {rate(ck)} | {rate(ck + t)}" if ck else "- | - | -"
+            lines.append(f"| {r['round']} | {r['checkpoint']} | {r['world_model']} | {n} | "
+                         f"{100 * r['val/real_success']:.1f} | {rate(r['checkpoint'])} | {rate(r['checkpoint'] + t)} | "
+                         f"{other} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def training_plot(args: Args, path: str) -> bool:
     import matplotlib
 
@@ -210,6 +246,8 @@ def main(args: Args):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     md = ["## Headline: real success\n", headline(args, evals), "\n## Real budget\n", budget_table(args),
           "\n## World-model fidelity of these runs (held-out trajectories)\n", fidelity_table(args)]
+    if table := lifelong_table(args):
+        md += ["\n## Lifelong rounds\n", table]
     for name, fn in [("training", lambda p: training_plot(args, p)), ("budget", lambda p: budget_plot(args, evals, p))]:
         path = f"{args.out}_{name}.png"
         if fn(path):

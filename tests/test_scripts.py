@@ -283,6 +283,38 @@ def test_results_script_builds_tables_and_plots_from_two_run_folders(tmp_path):
     assert "**60.0 ± 14.1**" in md  # WMPO
     assert "126 of P = 128" in md and "| GRPO-real | 120 |" in md
     assert os.path.getsize(out + "_training.png") > 1000 and os.path.getsize(out + "_budget.png") > 1000
+    assert "Lifelong" not in md  # no run has lifelong rounds
+
+
+def test_results_lifelong_table_pairs_each_round_with_grpo_real_at_its_cumulative_budget(tmp_path):
+    """Issue 16.4: each lifelong round beside real-env GRPO with the same settings and the smallest P >= the round's
+    cumulative real trajectories; a GRPO-real run with another temperature never stands in for it."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import results
+
+    d = tmp_path / "s0"
+    d.mkdir()
+    res = lambda r: {t: {"success_rate": r, "ci95": [r, r], "episodes": 500} for t in envs.TASKS} | {  # noqa: E731
+        "mean": {"success_rate": r, "episodes": 1500}}
+    json.dump({"policy_sft": res(0.40), "policy_wmpo": res(0.41), "policy_grpo_real": res(0.42),
+               "policy_grpo_real_p384": res(0.43), "policy_grpo_real_p512": res(0.44),
+               "policy_grpo_real_hot_p384": res(0.99)}, open(d / "eval.json", "w"))
+    json.dump({"policy_wmpo_r1": res(0.45), "policy_wmpo_r2": res(0.46)}, open(d / "eval_lifelong.json", "w"))
+    grpo = {"temperature": 0.5, "lr": 1e-4}
+    json.dump({"val_episodes": 50, "grpo": grpo}, open(d / "wmpo.args.json", "w"))
+    for name, P, temp in [("grpo_real", 128, 0.5), ("grpo_real_p384", 384, 0.5), ("grpo_real_p512", 512, 0.5),
+                          ("grpo_real_hot_p384", 384, 1.0)]:
+        json.dump({"budget": P, "grpo": {**grpo, "temperature": temp}}, open(d / f"{name}.args.json", "w"))
+    with open(d / "lifelong.metrics.jsonl", "w") as f:
+        for r, n in enumerate([126, 252, 378]):
+            f.write(json.dumps({"round": r, "checkpoint": "policy_wmpo" + (f"_r{r}" if r else ""), "world_model":
+                                "wm" + (f".round{r}" if r else ""), "real_trajectories": n, "val/real_success": 0.5}) + "\n")
+    table = results.lifelong_table(results.Args(runs=(str(d),)))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0 | policy_wmpo | wm | 126 | 50.0 | 41.0 | - | policy_grpo_real (128) | 42.0 | - |" in rows["0"]
+    assert "policy_wmpo_r1 | wm.round1 | 252 | 50.0 | 45.0 | - | policy_grpo_real_p384 (384) | 43.0" in rows["1"]
+    assert "policy_wmpo_r2 | wm.round2 | 378 | 50.0 | 46.0 | - | policy_grpo_real_p384 (384) | 43.0" in rows["2"]
+    assert "99.0" not in table and "| base | policy_sft | - | 0 | - | 40.0 |" in table
 
 
 @pytest.mark.slow
