@@ -145,7 +145,7 @@ def lifelong_table(args: Args) -> str:
         wmpo_args = read_json(os.path.join(run, rows[0]["checkpoint"].removeprefix("policy_") + ".args.json"))
         grpo = wmpo_args["grpo"]
         real = []  # (P, checkpoint) of evaluated GRPO-real runs with the same temperature and lr
-        for key in ev:
+        for key in {k.split("@")[0] for k in ev}:  # evaluated at any temperature
             a = read_json(os.path.join(run, key.removeprefix("policy_") + ".args.json"))
             if key.startswith("policy_grpo_real") and a and all(a["grpo"][k] == grpo[k] for k in ("temperature", "lr")):
                 real.append((a["budget"], key))

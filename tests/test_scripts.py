@@ -297,7 +297,7 @@ def test_results_lifelong_table_pairs_each_round_with_grpo_real_at_its_cumulativ
     res = lambda r: {t: {"success_rate": r, "ci95": [r, r], "episodes": 500} for t in envs.TASKS} | {  # noqa: E731
         "mean": {"success_rate": r, "episodes": 1500}}
     json.dump({"policy_sft": res(0.40), "policy_wmpo": res(0.41), "policy_grpo_real": res(0.42),
-               "policy_grpo_real_p384": res(0.43), "policy_grpo_real_p512": res(0.44),
+               "policy_grpo_real_p384@T0.5": res(0.43), "policy_grpo_real_p512": res(0.44),
                "policy_grpo_real_hot_p384": res(0.99)}, open(d / "eval.json", "w"))
     json.dump({"policy_wmpo_r1": res(0.45), "policy_wmpo_r2": res(0.46)}, open(d / "eval_lifelong.json", "w"))
     grpo = {"temperature": 0.5, "lr": 1e-4}
@@ -312,8 +312,9 @@ def test_results_lifelong_table_pairs_each_round_with_grpo_real_at_its_cumulativ
     table = results.lifelong_table(results.Args(runs=(str(d),)))
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "| 0 | policy_wmpo | wm | 126 | 50.0 | 41.0 | - | policy_grpo_real (128) | 42.0 | - |" in rows["0"]
-    assert "policy_wmpo_r1 | wm.round1 | 252 | 50.0 | 45.0 | - | policy_grpo_real_p384 (384) | 43.0" in rows["1"]
-    assert "policy_wmpo_r2 | wm.round2 | 378 | 50.0 | 46.0 | - | policy_grpo_real_p384 (384) | 43.0" in rows["2"]
+    # P = 384 was evaluated at T = 0.5 only: it still stands beside rounds 1 and 2, its greedy cell empty
+    assert "policy_wmpo_r1 | wm.round1 | 252 | 50.0 | 45.0 | - | policy_grpo_real_p384 (384) | - | 43.0 |" in rows["1"]
+    assert "policy_wmpo_r2 | wm.round2 | 378 | 50.0 | 46.0 | - | policy_grpo_real_p384 (384) | - | 43.0 |" in rows["2"]
     assert "99.0" not in table and "| base | policy_sft | - | 0 | - | 40.0 |" in table
 
 
