@@ -15,6 +15,7 @@ Checkpoints are the eval.json keys: greedy ones as they are, "<name>@T0.5" / "<n
 (0.5: GRPO's rollout temperature, the one to deploy at).
 """
 
+import glob
 import json
 import os
 from dataclasses import dataclass
@@ -132,15 +133,16 @@ def fidelity_table(args: Args) -> str:
 def lifelong_table(args: Args) -> str:
     """Lifelong rounds (train_policy.py wmpo --rounds N, lifelong.metrics.jsonl): each round's checkpoint, the real
     trajectories paid so far, its real success on `val` seeds (logged by the run) and on `eval` seeds (eval.json or
-    eval_lifelong.json), beside the real-env GRPO checkpoint with the same GRPO settings (temperature, lr) and the
+    eval_lifelong*.json), beside the real-env GRPO checkpoint with the same GRPO settings (temperature, lr) and the
     smallest budget P >= the round's cumulative count."""
     lines = []
     for run in args.runs:
         rows = read_jsonl(os.path.join(run, "lifelong.metrics.jsonl"))
         if not rows:
             continue
-        ev = {**(read_json(os.path.join(run, "eval.json")) or {}),
-              **(read_json(os.path.join(run, "eval_lifelong.json")) or {})}
+        ev = read_json(os.path.join(run, "eval.json")) or {}
+        for path in sorted(glob.glob(os.path.join(run, "eval_lifelong*.json"))):  # eval.py --out eval_lifelong[_r2]
+            ev.update(read_json(path))
         rate = lambda key: f"{100 * ev[key]['mean']['success_rate']:.1f}" if key in ev else "-"  # noqa: E731
         wmpo_args = read_json(os.path.join(run, rows[0]["checkpoint"].removeprefix("policy_") + ".args.json"))
         grpo = wmpo_args["grpo"]
