@@ -722,8 +722,9 @@ class RealChunkEnv:
 
     def start(self, B: int, G: int):
         """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
-        dist = torch.distributed
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        dist = torch.distributed  # wmpo.dist_init's answer, without importing wmpo (which imports envs)
+        on = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
         fresh = seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
         self.next_seed += world * B
         frames0 = self.reset([s for s in fresh for _ in range(G)])

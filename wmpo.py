@@ -901,7 +901,7 @@ def rollout(policy: VLA, world, horizon: int, B: int, G: int, temperature: float
 
 def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
     """Per-trajectory rollouts -> one row per chosen chunk (the unit the policy acts in)."""
-    b, n = tr["token_mask"].shape[:2]
+    n = tr["token_mask"].shape[1]
     return {
         "obs": rearrange(tr["obs"], "b n h w c -> (b n) h w c"),
         "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
@@ -1155,27 +1155,31 @@ def dist_init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()  # a torch build without distributed has no is_initialized
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over ranks (the tensor itself in a single process)."""
-    if dist.is_initialized():
+    if distributed():
         x = x.clone()
         dist.all_reduce(x)
     return x
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 
 def wrap_ddp(model: nn.Module) -> nn.Module:
     """DistributedDataParallel around `model` when running under torchrun, else the model itself."""
-    return nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    return nn.parallel.DistributedDataParallel(model) if distributed() else model
 
 
 def mean_grads(model: nn.Module) -> None:
     """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
-    if not dist.is_initialized():
+    if not distributed():
         return
     for p in model.parameters():
         if p.grad is not None:
