@@ -282,6 +282,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
         print(f"resuming {name} from iteration {start}")
     used = used_before
     per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
+    final_val = None  # the last iteration's val check, when there is one (lifelong reports it)
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
         wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args)})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
@@ -329,6 +330,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
         })
         if rank == 0 and args.val_every and ((it + 1) % args.val_every == 0 or it + 1 == iterations):
             logs.update(val_success(policy.eval(), args))
+            final_val = {k: v for k, v in logs.items() if k.startswith("val/")} if it + 1 == iterations else None
         if rank == 0:
             wmpo.log_metrics(args.run_dir, name, logs)
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
@@ -340,7 +342,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
         w.close()
     wmpo.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
-    return policy
+    return policy, final_val
 
 
 # round-0 flags of train_wm.py that a lifelong refresh repeats (model sizes come from the checkpoints themselves)
@@ -373,8 +375,8 @@ def lifelong(args: WMPOArgs):
             wmpo.barrier()
             args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
-        policy = grpo_loop(args, real=False).eval()
-        res = val_success(policy, args)  # eval.py reports each round's checkpoint
+        policy, res = grpo_loop(args, real=False)
+        res = res or val_success(policy.eval(), args)  # the loop's last check: same policy, seeds
         files = ["budget.json"] + [f"budget.round{q}.json" for q in range(1, r + 1)]
         paid = [json.load(open(os.path.join(args.run_dir, f))) for f in files]
         row = {"round": r, "checkpoint": args.out, "world_model": args.world_model,
