@@ -376,6 +376,8 @@ def lifelong(args: WMPOArgs):
             args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy, res = grpo_loop(args, real=False)
+        if rank > 0:  # rank 0 alone measures and writes the round's row; the others go on to the next round
+            continue
         res = res or val_success(policy.eval(), args)  # the loop's last check: same policy, seeds
         files = ["budget.json"] + [f"budget.round{q}.json" for q in range(1, r + 1)]
         paid = [json.load(open(os.path.join(args.run_dir, f))) for f in files]
@@ -383,8 +385,7 @@ def lifelong(args: WMPOArgs):
                "real_trajectories": sum(b["real_trajectories"] for b in paid), **res}  # cumulative, as counted
         print(f"round {r}: val real success {res['val/real_success']:.1%} "
               f"({args.val_episodes} episodes per task at T = {args.grpo.temperature:g})")
-        if rank == 0:
-            wmpo.log_metrics(args.run_dir, "lifelong", row)
+        wmpo.log_metrics(args.run_dir, "lifelong", row)
 
 
 if __name__ == "__main__":
