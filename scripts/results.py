@@ -8,6 +8,7 @@ checkpoints' metadata (real trajectories a GRPO-real checkpoint used). Writes:
     <out>.md              headline table (per task and checkpoint: every seed's success [Wilson 95%], mean ± std
                           over seeds), the real budget each method used, the world-model fidelity of each run
     <out>_training.png    imagined success (world model + reward model) vs real success on `val` seeds during WMPO
+                          (all lifelong rounds one after another when the run has lifelong.metrics.jsonl)
     <out>_budget.png      success over the base policy against real trajectories used (sample efficiency):
                           the headline's GRPO-real / WMPO checkpoints and their variants <name>_p<P>, every
                           temperature, each point the mean over the runs that have it
@@ -167,6 +168,22 @@ def lifelong_table(args: Args) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def training_curves(run: str, wmpo_ckpt: str):
+    """(iteration, imagined success) and (iteration, real `val` success) of a WMPO run; when the run is lifelong
+    (lifelong.metrics.jsonl starts with this checkpoint) every round's iterations follow the previous round's.
+    Returns (imagined, real, the first iteration of each round)."""
+    rounds = [r["checkpoint"] for r in read_jsonl(os.path.join(run, "lifelong.metrics.jsonl"))]
+    ckpts = rounds if rounds and rounds[0] == wmpo_ckpt else [wmpo_ckpt]
+    im, va, starts, offset = [], [], [], 0
+    for ck in ckpts:
+        rows = read_jsonl(os.path.join(run, ck.removeprefix("policy_") + ".metrics.jsonl"))
+        starts.append(offset)
+        im += [(offset + r["step"] + 1, r["wmpo/imagined_success"]) for r in rows if "wmpo/imagined_success" in r]
+        va += [(offset + r["step"] + 1, r["val/real_success"]) for r in rows if "val/real_success" in r]
+        offset += 1 + max([r["step"] for r in rows if "step" in r], default=-1)  # this round's iterations
+    return im, va, starts
+
+
 def training_plot(args: Args, path: str) -> bool:
     import matplotlib
 
@@ -177,16 +194,16 @@ def training_plot(args: Args, path: str) -> bool:
     drawn = False
     wmpo_ckpt = next((c for c in args.checkpoints if c.startswith("policy_wmpo")), "policy_wmpo")
     for i, run in enumerate(args.runs):
-        rows = read_jsonl(os.path.join(run, wmpo_ckpt.removeprefix("policy_") + ".metrics.jsonl"))
-        im = [(r["step"] + 1, r["wmpo/imagined_success"]) for r in rows if "wmpo/imagined_success" in r]
-        va = [(r["step"] + 1, r["val/real_success"]) for r in rows if "val/real_success" in r]
+        im, va, starts = training_curves(run, wmpo_ckpt)
+        for x in starts[1:]:
+            ax.axvline(x, color="grey", ls=":", lw=0.8)
         if im:
             ax.plot(*zip(*im), color=f"C{i}", ls="--", alpha=0.8, label=f"{os.path.basename(run)} imagined")
         if va:
             ax.plot(*zip(*va), color=f"C{i}", marker="o", label=f"{os.path.basename(run)} real (val seeds)")
         drawn |= bool(im or va)
     if drawn:
-        ax.set(xlabel="WMPO iteration", ylabel="success (mean over tasks)", ylim=(0, 1))
+        ax.set(xlabel="WMPO iteration (lifelong rounds one after another, dotted lines)", ylabel="success (mean over tasks)", ylim=(0, 1))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)

@@ -318,6 +318,34 @@ def test_results_lifelong_table_pairs_each_round_with_grpo_real_at_its_cumulativ
     assert "99.0" not in table and "| base | policy_sft | - | 0 | - | 40.0 |" in table
 
 
+def test_results_training_curves_put_lifelong_rounds_one_after_another(tmp_path):
+    """Issue 16.3 + 16.4: the imagined-vs-real plot of a lifelong run shows every round, round r's iterations after
+    round r-1's; a run without lifelong rounds gives its one WMPO run's curves."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import results
+
+    def write(name, imagined, val):  # train_policy.py's rows: val at step -1 and after each 2nd iteration
+        with open(tmp_path / f"{name}.metrics.jsonl", "w") as f:
+            f.write(json.dumps({"step": -1, "val/real_success": val[0]}) + "\n")
+            for it, x in enumerate(imagined):
+                f.write(json.dumps({"step": it, "wmpo/imagined_success": x}) + "\n")
+                if it % 2 == 1:
+                    f.write(json.dumps({"step": it, "val/real_success": val[1 + it // 2]}) + "\n")
+
+    write("wmpo", [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7])
+    im, va, starts = results.training_curves(str(tmp_path), "policy_wmpo")
+    assert im == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)] and va == [(0, 0.5), (2, 0.6), (4, 0.7)] and starts == [0]
+    write("wmpo_r1", [0.8, 0.9], [0.7, 0.65])
+    with open(tmp_path / "lifelong.metrics.jsonl", "w") as f:
+        for r, ck in enumerate(["policy_wmpo", "policy_wmpo_r1"]):
+            f.write(json.dumps({"round": r, "checkpoint": ck, "real_trajectories": 126 * (r + 1)}) + "\n")
+    im, va, starts = results.training_curves(str(tmp_path), "policy_wmpo")
+    assert starts == [0, 4] and im[4:] == [(5, 0.8), (6, 0.9)] and va[3:] == [(4, 0.7), (6, 0.65)]
+    # another WMPO checkpoint of the same folder is not the lifelong run's round 0: its own curve only
+    write("wmpo_other", [0.3], [0.4])
+    assert results.training_curves(str(tmp_path), "policy_wmpo_other") == ([(1, 0.3)], [(0, 0.4)], [0])
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     # the same scripts under torchrun (gloo on CPU): rank 0 alone writes files, the run ends cleanly on both ranks
