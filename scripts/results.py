@@ -203,7 +203,7 @@ def training_plot(args: Args, path: str) -> bool:
             ax.plot(*zip(*va), color=f"C{i}", marker="o", label=f"{os.path.basename(run)} real (val seeds)")
         drawn |= bool(im or va)
     if drawn:
-        ax.set(xlabel="WMPO iteration (lifelong rounds one after another, dotted lines)", ylabel="success (mean over tasks)", ylim=(0, 1))
+        ax.set(xlabel="WMPO iteration (dotted: a new lifelong round)", ylabel="success (mean over tasks)", ylim=(0, 1))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
