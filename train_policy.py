@@ -209,6 +209,12 @@ class WMPOArgs:
     """world-model checkpoint imagined in (lifelong round r uses wm.round<r>, written by train_wm.py --round r)"""
     reward_model: str = "reward"
     """reward-model checkpoint that judges imagined rollouts (round r: reward.round<r>)"""
+    execute: int = -1
+    """actions of each chunk run before the policy looks again (-1: the checkpoint's policy.execute; the trained
+    policy keeps this value, so eval runs it the way it was trained)"""
+    grad_signal_every: int = 1
+    """every this many iterations, log grpo/grad_cos (cosine between two halves of the batch's gradient) beside
+    grpo/grad_cos_perm (labels permuted inside groups): is the update signal or noise (0: never; ~1 update's cost)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
@@ -264,6 +270,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
     init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
                              f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(init_path, args.device, expect="VLA")
+    if args.execute > 0:
+        policy.cfg.execute = min(args.execute, policy.cfg.chunk)
     G = args.grpo.group_size
     B = args.states_per_task_real if real else args.grpo.states_per_task
     if real:
@@ -299,7 +307,11 @@ def grpo_loop(args: WMPOArgs, real: bool):
                 adv, stats = group_advantages(tr["success"].float(), G, return_stats=True)
                 keep = stats["keep"].repeat_interleave(G)
                 rows.append(wmpo.flatten_rows(tr, adv, keep))
+                rows[-1]["traj"] += n_traj  # trajectory ids unique over the batch, in group order
                 logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
+                # group census: a group teaches only when its outcomes differ
+                for k, v in [("all_fail", stats["mean"] == 0), ("all_success", stats["mean"] == 1)]:
+                    logs[f"wmpo/groups_{k}/{task}"] = v.float().mean().item()
                 # how hard the policy pushes (an idling or saturating policy shows here first)
                 act = wmpo.tokens_to_action(tr["tokens"], policy.cfg.bins).abs().float()
                 n_act = max(tr["token_mask"].sum().item(), 1)
@@ -318,6 +330,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
             batch["adv"] = torch.zeros_like(batch["adv"])  # all-reduce of the others: its rows add zero gradient
             batch["mask"] = torch.ones_like(batch["mask"])
         policy.train()
+        if args.grad_signal_every and it % args.grad_signal_every == 0 and world_size == 1:
+            logs.update(wmpo.grad_signal(policy, batch, G, args.grpo, args.device, seed=it))
         if wmpo.all_sum(torch.tensor(kept_groups)).item() > 0:
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
         logs.update({

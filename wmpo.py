@@ -907,6 +907,7 @@ def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
         "tokens": rearrange(tr["tokens"], "b n ka -> (b n) ka"),
         "words": tr["words"].repeat_interleave(n, 0),
         "adv": adv.repeat_interleave(n, 0),
+        "traj": torch.arange(len(adv)).repeat_interleave(n, 0),  # which trajectory each row belongs to
         "token_mask": rearrange(tr["token_mask"], "b n ka -> (b n) ka"),
         "mask": rearrange(tr["token_mask"].any(-1) & keep[:, None], "b n -> (b n)"),  # rows with any counted action
     }
@@ -920,19 +921,24 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
 
     rows = batch["mask"].nonzero()[:, 0]
     obs, words, tokens, adv, tmask = (batch[k][rows] for k in ["obs", "words", "tokens", "adv", "token_mask"])
+    traj = batch["traj"][rows] if "traj" in batch else torch.arange(len(rows))  # default: a row per trajectory
+    traj = torch.unique(traj, return_inverse=True)[1]  # 0..n_traj-1
     # old log-probs: the rollout policy, at the rollout temperature (exactly what sampled the tokens)
     with torch.no_grad():
         old = torch.cat([policy.logprob(obs[i : i + 256].to(device), words[i : i + 256].to(device),
                                         tokens[i : i + 256].to(device), cfg.temperature, per_token=True)
                          for i in range(0, len(rows), 256)])
     logs = {k: [] for k in ["grpo/loss", "grpo/clipfrac", "grpo/approx_kl", "grpo/entropy", "grpo/grad_norm"]}
+    n_traj = int(traj.max()) + 1 if len(traj) else 0
     for _ in range(cfg.epochs):
-        perm = torch.randperm(len(rows))
-        for mb in perm.chunk(cfg.minibatches):
+        # mini-batches of whole trajectories: traj-mean then sees each trajectory's every token in one loss
+        for mb_traj in torch.randperm(n_traj).chunk(cfg.minibatches):
+            mb = torch.isin(traj, mb_traj).nonzero()[:, 0]
             o, w, t = obs[mb].to(device), words[mb].to(device), tokens[mb].to(device)
             logp = policy.logprob(o, w, t, cfg.temperature, per_token=True)  # (m, k*a)
+            ids = torch.unique(traj[mb], return_inverse=True)[1].to(device)
             loss, m = grpo_loss(logp, old[mb].to(device), adv[mb].to(device), tmask[mb].to(device).float(),
-                                cfg.clip_low, cfg.clip_high, agg=cfg.agg)
+                                cfg.clip_low, cfg.clip_high, agg=cfg.agg, traj=ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
@@ -946,6 +952,43 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
     out = {k: float(sum(v) / max(len(v), 1)) for k, v in logs.items()}
     out["grpo/tokens"] = int(tmask.sum())
     return out
+
+
+def policy_gradient(policy: VLA, batch: dict, rows: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig, device):
+    """The GRPO loss's gradient (flattened) on `rows` of a flatten_rows batch with advantages `adv` per row, at
+    ratio 1 (old log-probs = current): the direction one update would start in."""
+    from kernels.grpo import grpo_loss
+
+    o, w, t = (batch[k][rows].to(device) for k in ["obs", "words", "tokens"])
+    logp = policy.logprob(o, w, t, cfg.temperature, per_token=True)
+    ids = torch.unique(batch["traj"][rows], return_inverse=True)[1].to(device)
+    loss, _ = grpo_loss(logp, logp.detach(), adv[rows].to(device), batch["token_mask"][rows].to(device).float(),
+                        cfg.clip_low, cfg.clip_high, agg=cfg.agg, traj=ids)
+    grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def grad_signal(policy: VLA, batch: dict, G: int, cfg: GRPOConfig, device="cpu", seed: int = 0) -> dict:
+    """Is the batch's gradient signal or noise? The kept groups are split in two random halves; the cosine between
+    the halves' gradients (`grad_cos`) beside the same with each group's advantages permuted among its members
+    (`grad_cos_perm`: same group statistics, outcomes detached from behaviour). Independent noise gives ~0 for
+    both; a gradient that generalises across initial states gives grad_cos well above the control. batch needs
+    `traj` ids in group order (trajectory i in group i // G), as grpo_loop builds them."""
+    gen = torch.Generator().manual_seed(seed)
+    traj, rows_ok = batch["traj"], batch["mask"]
+    n_traj = int(traj.max()) + 1
+    adv_t = torch.zeros(n_traj).index_copy(0, traj, batch["adv"].float())  # (trajectories,)
+    kept = torch.zeros(n_traj // G, dtype=torch.bool).index_fill(0, traj[rows_ok] // G, True)
+    groups = kept.nonzero()[:, 0][torch.randperm(int(kept.sum()), generator=gen)]
+    if len(groups) < 2:
+        return {}
+    perm = torch.rand(n_traj // G, G, generator=gen).argsort(1) + torch.arange(n_traj // G)[:, None] * G
+    adv_perm = adv_t[perm.reshape(-1)][traj]  # each trajectory takes a random group-mate's advantage
+    halves = [torch.isin(traj // G, h) & rows_ok for h in groups.chunk(2)]
+    grads = {(k, i): policy_gradient(policy, batch, h.nonzero()[:, 0], a, cfg, device)
+             for k, a in [("real", batch["adv"]), ("perm", adv_perm)] for i, h in enumerate(halves)}
+    cos = {k: F.cosine_similarity(grads[(k, 0)], grads[(k, 1)], dim=0).item() for k in ["real", "perm"]}
+    return {"grpo/grad_cos": cos["real"], "grpo/grad_cos_perm": cos["perm"], "grpo/grad_signal_groups": len(groups)}
 
 
 # ----------------------------------------------------------------------------------------------------------

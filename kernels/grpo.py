@@ -1,7 +1,7 @@
 """Grouped GRPO advantages and the fused clipped policy loss, in Triton.
 
     adv, stats = group_advantages(rewards, group_size=8, return_stats=True)
-    loss, metrics = grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="token-mean")
+    loss, metrics = grpo_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, agg="traj-mean", traj=ids)
 
 group_advantages — one launch for the whole batch. rewards [num_groups * G], consecutive entries form a group:
     A_i = (r_i - mean_g) / (std_g + eps)      verl `grpo` default: unbiased std, eps = 1e-6 added to std
@@ -15,7 +15,12 @@ grpo_loss — verl `compute_policy_loss_vanilla` + `agg_loss`, fused per token, 
     log_ratio = clamp(logp - old_logp, -20, 20);  ratio = exp(log_ratio)
     pg1 = -A * ratio;  pg2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high);  l = max(pg1, pg2)
     dual clip (clip_c > 1, A < 0): l = min(l, -A * clip_c)
-    agg: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (÷ L, Dr. GRPO)
+    agg: traj-mean | token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (÷ L, Dr. GRPO)
+      traj-mean: rows (e.g. the chunks one trajectory acted in) are grouped by `traj` [B] ids; every trajectory
+      weighs the same: the mean of its tokens' losses, then the mean over trajectories (WMPO's and SimpleVLA-RL's
+      actor divide each trajectory's loss by its own token count). With traj = arange(B) it is seq-mean-token-mean.
+      token-mean (DAPO) weighs a trajectory by its length: with episodes that stop at success, failures outweigh
+      successes and every update pushes the sampled tokens down (the entropy climbs; ../shared/notes/rl-headroom.md).
     The advantage is gathered per row inside the kernel: no broadcast [B, L] tensor is ever made.
     metrics: clipfrac (pg2 > pg1), clipfrac_lower (dual clip active), approx_kl = mean(-log_ratio).
 
@@ -30,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AGG_MODES = ["traj-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -196,10 +201,13 @@ def group_advantages(
     return adv
 
 
-def _row_weights(part: torch.Tensor, agg: str, L: int) -> torch.Tensor:
+def _row_weights(part: torch.Tensor, agg: str, L: int, traj: torch.Tensor | None = None) -> torch.Tensor:
     """d(aggregated loss) / d(row's masked token-loss sum), from the forward's row sums. part: (B, 5)."""
     n = part[:, 1]
     B = part.shape[0]
+    if agg == "traj-mean":  # 1 / (the row's trajectory's token count) / (trajectories with any token)
+        n_traj = torch.zeros(B, dtype=n.dtype, device=n.device).index_add_(0, traj, n)  # ids < B: at most B of them
+        return 1.0 / n_traj[traj].clamp(min=1.0) / (n_traj > 0).sum().clamp(min=1).to(n.dtype)
     if agg == "token-mean":
         return torch.full_like(n, 1.0) / n.sum().clamp(min=1.0)
     if agg == "seq-mean-token-mean":
@@ -214,7 +222,7 @@ def _row_weights(part: torch.Tensor, agg: str, L: int) -> torch.Tensor:
 
 class _GRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, agg):
+    def forward(ctx, logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, agg, traj):
         B, L = logp.shape
         logp, old_logp, mask = logp.contiguous(), old_logp.contiguous(), mask.contiguous()
         adv = advantages.contiguous().float()
@@ -223,7 +231,7 @@ class _GRPOLoss(torch.autograd.Function):
         BLOCK_L = min(1024, triton.next_power_of_2(L))
         dual = clip_c is not None and clip_c > 1.0
         _grpo_loss_fwd[(B,)](logp, old_logp, adv, maskf, part, L, clip_low, clip_high, clip_c or 0.0, dual, BLOCK_L=BLOCK_L)
-        w = _row_weights(part, agg, L)
+        w = _row_weights(part, agg, L, traj)
         loss = (part[:, 0] * w).sum()
         ctx.save_for_backward(logp, old_logp, adv, maskf, w)
         ctx.args = (L, clip_low, clip_high, clip_c or 0.0, dual, BLOCK_L)
@@ -239,7 +247,7 @@ class _GRPOLoss(torch.autograd.Function):
         dlp = torch.empty_like(logp)
         row_w = (w * dloss).float().contiguous()
         _grpo_loss_bwd[(logp.shape[0],)](logp, old_logp, adv, maskf, row_w, dlp, L, clip_low, clip_high, clip_c, dual, BLOCK_L=BLOCK_L)
-        return dlp, None, None, None, None, None, None, None
+        return dlp, None, None, None, None, None, None, None, None
 
 
 def grpo_loss(
@@ -251,15 +259,28 @@ def grpo_loss(
     clip_high: float = 0.28,
     clip_c: float | None = None,
     agg: str = "token-mean",
+    traj: torch.Tensor | None = None,
 ):
-    """Clipped policy-gradient loss (verl vanilla). Returns (loss, {"clipfrac", "clipfrac_lower", "approx_kl"})."""
+    """Clipped policy-gradient loss (verl vanilla). Returns (loss, {"clipfrac", "clipfrac_lower", "approx_kl"}).
+    traj: [B] int64 trajectory id of each row in 0..B-1 (traj-mean only; None: each row is its own trajectory)."""
     assert logp.ndim == 2 and logp.shape == old_logp.shape == mask.shape, "logp, old_logp, mask must be [B, L]"
     assert advantages.shape == (logp.shape[0],), "advantages must be [B] (one per sequence)"
     assert agg in AGG_MODES, f"agg must be one of {AGG_MODES}, got {agg!r}"
+    traj = _traj_ids(traj, logp) if agg == "traj-mean" else None
     if not use_triton(logp):
-        return grpo_loss_ref(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, agg)
-    loss, m = _GRPOLoss.apply(logp, old_logp.detach(), advantages.detach(), mask, clip_low, clip_high, clip_c, agg)
+        return grpo_loss_ref(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c, agg, traj)
+    loss, m = _GRPOLoss.apply(logp, old_logp.detach(), advantages.detach(), mask, clip_low, clip_high, clip_c, agg,
+                              traj)
     return loss, {"clipfrac": m[0], "clipfrac_lower": m[1], "approx_kl": m[2]}
+
+
+def _traj_ids(traj: torch.Tensor | None, logp: torch.Tensor) -> torch.Tensor:
+    B = logp.shape[0]
+    if traj is None:
+        return torch.arange(B, device=logp.device)
+    assert traj.shape == (B,) and not traj.dtype.is_floating_point, "traj must be [B] integer ids"
+    assert B == 0 or (0 <= int(traj.min()) and int(traj.max()) < B), "traj ids must lie in 0..B-1"
+    return traj.to(logp.device).long()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,7 +312,8 @@ def group_advantages_ref(rewards, group_size, eps=1e-6, unbiased=True, norm_by_s
     return adv
 
 
-def grpo_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, clip_c=None, agg="token-mean"):
+def grpo_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, clip_c=None, agg="token-mean",
+                  traj=None):
     mask = mask.float()
     a = advantages.float()[:, None]  # (B, 1), broadcast over tokens
     log_ratio = torch.clamp(logp.float() - old_logp.float().detach(), -20.0, 20.0)
@@ -306,7 +328,13 @@ def grpo_loss_ref(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28
         pg_loss = torch.where(lower, pg_loss3, pg_loss)
     ntok = mask.sum().clamp(min=1)
     row_sum, row_n = (pg_loss * mask).sum(1), mask.sum(1)
-    if agg == "token-mean":
+    if agg == "traj-mean":  # group rows by trajectory: each trajectory's token mean, then their mean
+        ids = torch.arange(len(row_sum), device=row_sum.device) if traj is None else traj.long()
+        t_sum = torch.zeros_like(row_sum).index_add(0, ids, row_sum)
+        t_n = torch.zeros_like(row_n).index_add(0, ids, row_n)
+        has = t_n > 0
+        loss = (t_sum[has] / t_n[has]).sum() / has.sum().clamp(min=1)
+    elif agg == "token-mean":
         loss = row_sum.sum() / ntok
     elif agg == "seq-mean-token-mean":
         has = row_n > 0

@@ -117,6 +117,42 @@ def test_masked_tokens_get_no_gradient():
     assert torch.equal(g[mask == 0], torch.zeros_like(g[mask == 0]))
 
 
+@pytest.mark.parametrize("B,L", [(7, 16), (12, 4)])
+def test_traj_mean_weighs_every_trajectory_the_same(B, L):
+    # rows are the chunks of 3 trajectories of different lengths; the loss must equal the mean over trajectories of
+    # each one's token mean, written out from the per-token surrogate, and its gradient must match the reference's
+    logp, old, adv, mask = _loss_inputs(B, L, seed=B)
+    traj = torch.arange(B) % 3
+    traj[-1] = 0  # unequal row counts per trajectory
+    adv = adv[traj]  # one advantage per trajectory, broadcast to its rows (as flatten_rows does)
+    loss, m = grpo_loss(logp, old, adv, mask, agg="traj-mean", traj=traj)
+    (g,) = torch.autograd.grad(loss, logp)
+    lp2 = logp.detach().clone().requires_grad_(True)
+    ratio = torch.exp(lp2 - old)
+    tok = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.8, 1.28)) * mask
+    means = [tok[traj == i].sum() / mask[traj == i].sum() for i in range(3) if mask[traj == i].sum() > 0]
+    expect = torch.stack(means).mean()
+    (g_ref,) = torch.autograd.grad(expect, lp2)
+    torch.testing.assert_close(loss, expect, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g, g_ref, atol=1e-7, rtol=1e-5)
+    # the same thing as token-mean with each advantage scaled by (mean trajectory length / its length): arm B of
+    # the GRPO study; a length-independent weight means successes (short) and failures (long) weigh alike
+    n = torch.stack([mask[traj == i].sum() for i in range(3)])
+    scaled = adv * (n.mean() / n)[traj]
+    tm, _ = grpo_loss_ref(logp.detach(), old, scaled, mask, agg="token-mean")
+    torch.testing.assert_close(loss.detach(), tm, atol=1e-6, rtol=1e-6)
+    # and with each row its own trajectory it is seq-mean-token-mean
+    a, _ = grpo_loss(logp.detach(), old, adv, mask, agg="traj-mean")
+    b, _ = grpo_loss_ref(logp.detach(), old, adv, mask, agg="seq-mean-token-mean")
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_traj_ids_out_of_range_fail_clearly():
+    logp, old, adv, mask = _loss_inputs(4, 8)
+    with pytest.raises(AssertionError, match="traj ids"):
+        grpo_loss(logp, old, adv, mask, agg="traj-mean", traj=torch.tensor([0, 1, 2, 9]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_large_shapes(dtype):
