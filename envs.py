@@ -737,6 +737,7 @@ class RealChunkEnv:
         self.done = torch.zeros(self.num_envs, dtype=torch.bool)
         self.last = torch.as_tensor(obs)
         self.success = torch.zeros(self.num_envs, 1, dtype=torch.bool)  # (b, frames so far): the simulator's verdict
+        self.object_pos = [np.asarray(info["object_pos"])]  # per frame (b, objects, 2): analysis only, never shown
         return self.last.clone()
 
     def step(self, actions: torch.Tensor) -> torch.Tensor:
@@ -747,6 +748,7 @@ class RealChunkEnv:
             obs = torch.as_tensor(obs)
             self.last = torch.where(self.done[:, None, None, None], self.last, obs)
             succ = torch.as_tensor(info["success"]) & ~self.done
+            self.object_pos.append(np.where(self.done[:, None, None].numpy(), self.object_pos[-1], info["object_pos"]))
             self.done |= torch.as_tensor(term | trunc)
             frames.append(self.last.clone())
             success.append(succ)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import envs
 import wmpo
+from kernels.grpo import group_advantages
 
 # ----------------------------------------------------------------------------------------------------------
 # SFT
@@ -105,13 +106,11 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
 def sft(args: SFTArgs):
     wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"),
                      non_negative=("dart_noise", "augment_px", "weight_decay"))
-    preset = SFT_PRESETS[args.preset]
-    budgets = args.demos or preset["demos"]
-    num_steps = args.num_steps if args.num_steps > 0 else preset["num_steps"]
+    budgets = args.demos or SFT_PRESETS[args.preset]["demos"]
+    num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
     if len(budgets) != len(args.tasks):
         raise SystemExit(f"error: --demos needs one number per task ({len(args.tasks)}), got {len(budgets)}")
-    for t in args.tasks:
-        envs.make(t).close()  # unknown ids fail here, before any work
+    [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
     rank, world = wmpo.dist_init()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
@@ -210,11 +209,9 @@ class WMPOArgs:
     reward_model: str = "reward"
     """reward-model checkpoint that judges imagined rollouts (round r: reward.round<r>)"""
     execute: int = -1
-    """actions of each chunk run before the policy looks again (-1: the checkpoint's policy.execute; the trained
-    policy keeps this value, so eval runs it the way it was trained)"""
+    """actions run per chunk before the policy looks again (-1: the checkpoint's; the trained policy keeps it)"""
     grad_signal_every: int = 1
-    """every this many iterations, log grpo/grad_cos (cosine between two halves of the batch's gradient) beside
-    grpo/grad_cos_perm (labels permuted inside groups): is the update signal or noise (0: never; ~1 update's cost)"""
+    """log wmpo.grad_signal (the update's signal vs a permuted-label control) every this many iterations (0: never)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
@@ -253,11 +250,10 @@ def val_success(policy, args: WMPOArgs) -> dict:
 
 
 def grpo_loop(args: WMPOArgs, real: bool):
-    from kernels.grpo import group_advantages
-
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
     horizons = [envs.horizon(t) for t in args.tasks]  # unknown ids fail here, before any work
-    wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"], non_negative=["grpo.temperature", "val_every"],
+    wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"],
+                     non_negative=["grpo.temperature", "val_every", "grad_signal_every"],
                      at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
     # local) and GRPO averages gradients over ranks: N processes = an N times larger batch per iteration
@@ -274,22 +270,19 @@ def grpo_loop(args: WMPOArgs, real: bool):
         policy.cfg.execute = min(args.execute, policy.cfg.chunk)
     G = args.grpo.group_size
     B = args.states_per_task_real if real else args.grpo.states_per_task
-    if real:
-        worlds = [envs.RealChunkEnv(t, B * G) for t in args.tasks]
-    else:  # one world and reward model, one pool of real first frames per task
-        w = wmpo.load_world(args.run_dir, args.device, args.world_model, args.reward_model)
-        worlds = [wmpo.WorldModelEnv(w.wm, w.codec, args.device, w.reward, first_frames(args.run_dir, t))
-                  for t in args.tasks]
+    # the real env, or one world and reward model with one pool of real first frames per task
+    w = None if real else wmpo.load_world(args.run_dir, args.device, args.world_model, args.reward_model)
+    worlds = [envs.RealChunkEnv(t, B * G) if real else wmpo.WorldModelEnv(w.wm, w.codec, args.device, w.reward,
+              first_frames(args.run_dir, t)) for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
     out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
     state = wmpo.resume(out_path, policy, opt, expect="VLA")
     start, used_before = (state["step"], state.get("real_trajectories", 0)) if state else (0, 0)
     for w in worlds:  # the real env goes on with fresh seeds after a resume
         w.next_seed = state.get("next_real_seed", 0) if state else 0
-    if start:
-        print(f"resuming {name} from iteration {start}")
+    print(f"resuming {name} from iteration {start}" if start else f"{name}: {iterations} iterations")
     used = used_before
-    per_iteration = world_size * len(worlds) * B * G if real else 0  # real trajectories an iteration draws
+    per_iteration = world_size * len(worlds) * B * G if real else 0  # real resets an iteration costs, all ranks
     final_val = None  # the last iteration's val check, when there is one (lifelong reports it)
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
         wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args)})
@@ -305,25 +298,15 @@ def grpo_loop(args: WMPOArgs, real: bool):
             for w, task, horizon in zip(worlds, args.tasks, horizons):
                 tr = wmpo.rollout(policy, w, horizon, B, G, args.grpo.temperature)
                 adv, stats = group_advantages(tr["success"].float(), G, return_stats=True)
-                keep = stats["keep"].repeat_interleave(G)
-                rows.append(wmpo.flatten_rows(tr, adv, keep))
+                rows.append(wmpo.flatten_rows(tr, adv, stats["keep"].repeat_interleave(G)))
                 rows[-1]["traj"] += n_traj  # trajectory ids unique over the batch, in group order
-                logs[f"wmpo/success/{task}"] = tr["success"].float().mean().item()
-                # group census: a group teaches only when its outcomes differ
-                for k, v in [("all_fail", stats["mean"] == 0), ("all_success", stats["mean"] == 1)]:
-                    logs[f"wmpo/groups_{k}/{task}"] = v.float().mean().item()
-                # how hard the policy pushes (an idling or saturating policy shows here first)
-                act = wmpo.tokens_to_action(tr["tokens"], policy.cfg.bins).abs().float()
-                n_act = max(tr["token_mask"].sum().item(), 1)
-                logs[f"wmpo/mean_abs_action/{task}"] = (act * tr["token_mask"]).sum().item() / n_act
+                logs.update(wmpo.rollout_logs(tr, stats, policy.cfg.bins, task))
                 n_traj += len(tr["success"])
-                kept_groups += int(stats["keep"].sum())
-                total_groups += len(stats["keep"])
+                kept_groups, total_groups = kept_groups + int(stats["keep"].sum()), total_groups + len(stats["keep"])
             # dynamic sampling: roll out more only when under half the groups carry a learning signal
             if kept_groups * 2 >= total_groups:
                 break
-        # the budget counts every real reset of every rank (none in imagination)
-        used = used_before + int(wmpo.all_sum(torch.tensor(sum(w.real_trajectories for w in worlds))).item())
+        used = used_before + int(wmpo.all_sum(torch.tensor(sum(w.real_trajectories for w in worlds))).item())  # P
         t_roll = time.time() - t0
         batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         if world_size > 1 and kept_groups == 0:  # this rank's groups are all dropped, but it must join the gradient
@@ -332,6 +315,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
         policy.train()
         if args.grad_signal_every and it % args.grad_signal_every == 0 and world_size == 1:
             logs.update(wmpo.grad_signal(policy, batch, G, args.grpo, args.device, seed=it))
+        t_upd = time.time()  # the update's own throughput, without the diagnostic
         if wmpo.all_sum(torch.tensor(kept_groups)).item() > 0:
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
         logs.update({
@@ -339,7 +323,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
                 float(np.mean([logs[f"wmpo/success/{t}"] for t in args.tasks])),
             "wmpo/kept_group_frac": kept_groups / max(total_groups, 1),
             "wmpo/trajectories_per_s": n_traj / max(t_roll, 1e-6),
-            "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t0 - t_roll, 1e-6),
+            "wmpo/tokens_per_s": logs.get("grpo/tokens", 0) / max(time.time() - t_upd, 1e-6),
             "real_trajectories": used, "dt": time.time() - t0,
         })
         if rank == 0 and args.val_every and ((it + 1) % args.val_every == 0 or it + 1 == iterations):
@@ -352,8 +336,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             wmpo.save(policy, out_path, it + 1, real_trajectories=used)
             wmpo.save_train_state(out_path.replace(".safetensors", ".train.pt"), opt, it + 1, real_trajectories=used,
                                   next_real_seed=worlds[0].next_seed)
-    for w in worlds:
-        w.close()
+    [w.close() for w in worlds]
     wmpo.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
     return policy, final_val

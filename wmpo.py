@@ -564,9 +564,13 @@ class WorldModel(nn.Module):
 class WorldModelEnv:
     """The world model as a batched env, with the real env's interface (envs.RealChunkEnv): start / reset, step, judge.
 
-    reset(frames, instructions) starts from given real frames; step(action chunks (b, K, a)) -> frames uint8
-    (b, K, h, w, c). Generated frames are decoded, quantised to uint8 (what the policy sees) and re-encoded as the next
-    context, keeping the context on the codec's data manifold. For GRPO, `starts` (real first frames uint8
+    reset(frames, instructions) starts from given real frames; step(actions (b, E, a)) -> the E next frames uint8
+    (b, E, h, w, c), any E. Imagination takes the path training takes (`WorldModel.unroll`): C context latents, then
+    up to K generated ones, each fed back with the KV cache. The unroll state lives across `step` calls, so four
+    calls of 2 actions give exactly the frames of one call of 8 (GRPO steps E = PolicyConfig.execute actions at a
+    time; restarting the context at every call was a path training never takes). After K generated frames they are
+    decoded, quantised to uint8 (what the policy sees) and re-encoded as the next context, keeping the context on
+    the codec's data manifold, as train_wm.py's chunk-by-chunk replays do. For GRPO, `starts` (real first frames uint8
     (n, h, w, c) and their instructions) is the pool start() draws initial states from, and judge() scores a
     trajectory's frames with the reward model: GRPO runs the same code in imagination and in the real env."""
 
@@ -593,18 +597,39 @@ class WorldModelEnv:
         C = self.wm.cfg.context
         self.ctx = repeat(z0, "b c h w -> b t c h w", t=C).contiguous()
         self.ctx_actions = torch.zeros(len(frames), C - 1, self.wm.cfg.action_dim, device=self.device)
+        self.new_chunk()
         return frames
+
+    def new_chunk(self):
+        """Start a K-frame unroll after the current context: no actions, frames or KV cache yet."""
+        self.chunk_actions, self.chunk_frames, self.caches, self.last, self.pred = [], [], None, None, None
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:
-        """action chunks (b, K, a) -> the K imagined frames, uint8 (b, K, h, w, c)."""
+        """actions (b, E, a), any E -> the E imagined frames, uint8 (b, E, h, w, c). One frame per action, exactly
+        as WorldModel.unroll generates them (the same ops in the same order, whatever the split into calls)."""
         actions = actions.to(self.device).float()
-        C = self.wm.cfg.context
-        z = self.wm.predict(self.ctx, self.ctx_actions, actions)
-        frames = self.codec.to_uint8(self.codec.decode(z))  # (b, K, h, w, c)
-        self.ctx = torch.cat([self.ctx, self.codec.encode(frames)], 1)[:, -C:]
-        self.ctx_actions = torch.cat([self.ctx_actions, actions], 1)[:, -(C - 1) :]
-        return frames
+        C, K, wm = self.wm.cfg.context, self.wm.cfg.chunk, self.wm
+        out = []
+        for a in actions.unbind(1):
+            if len(self.chunk_actions) == K:  # the chunk is complete: its frames, re-encoded, are the next context
+                chunk = torch.stack(self.chunk_frames, 1)
+                self.ctx = torch.cat([self.ctx, self.codec.encode(chunk)], 1)[:, -C:]
+                self.ctx_actions = torch.cat([self.ctx_actions, torch.stack(self.chunk_actions, 1)], 1)[:, -(C - 1) :]
+                self.new_chunk()
+            j = len(self.chunk_actions)
+            self.chunk_actions.append(a)
+            af = wm.action_features(torch.cat([self.ctx_actions, torch.stack(self.chunk_actions, 1)], 1))
+            if j == 0:  # the context frames in one pass; the last one's prediction is the first generated frame
+                z_prev = torch.cat([self.ctx[:, :1], self.ctx[:, :-1]], 1)
+                nxt, self.caches = wm.next_latents(self.ctx, z_prev, af[:, :C], None, 0)
+                self.pred, self.last = nxt[:, -1:], self.ctx[:, -1:]
+            else:  # the previous prediction is the next input (WorldModel.unroll's loop body)
+                nxt, self.caches = wm.next_latents(self.pred, self.last, af[:, C - 1 + j : C + j], self.caches, C + j - 1)
+                self.pred, self.last = nxt, self.pred
+            self.chunk_frames.append(self.codec.to_uint8(self.codec.decode(self.pred))[:, 0])  # (b, h, w, c)
+            out.append(self.chunk_frames[-1])
+        return torch.stack(out, 1)
 
     @torch.no_grad()
     def judge(self, frames: torch.Tensor) -> torch.Tensor:
@@ -838,9 +863,9 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
 
 @dataclass
 class GRPOConfig:
-    """DAPO-style GRPO as in WMPO: group-normalised advantages, asymmetric clip, no KL, no reference model, dynamic
-    sampling (drop all-success / all-failure groups), token-mean loss over every action token up to the step where
-    success is first detected, one pass over the batch in mini-batches."""
+    """GRPO as in WMPO: group-normalised advantages, asymmetric clip, no KL, no reference model, dynamic sampling
+    (drop all-success / all-failure groups), the loss over every executed action token up to the step where success
+    is first detected, each trajectory weighted once (`agg`), mini-batches of whole trajectories."""
 
     group_size: int = 8  # G trajectories per initial state (the paper's 8)
     states_per_task: int = 8  # B initial states per task per iteration
@@ -856,7 +881,11 @@ class GRPOConfig:
     epochs: int = 2  # passes over each batch (paper 1; the prototype's clip fraction was ~0 with one pass at lr 1e-4)
     minibatches: int = 4  # optimiser steps per epoch (the paper: 512 trajectories in mini-batches of 128)
     max_grad_norm: float = 1.0  # gradient clipping before each optimiser step
-    agg: str = "token-mean"  # loss aggregation (kernels.grpo): token-mean (the paper's) | seq-mean-token-mean | ...
+    # loss aggregation (kernels.grpo.AGG_MODES). traj-mean: each trajectory's token mean, then the mean over
+    # trajectories, as WMPO's actor divides each trajectory's loss by its own token count. token-mean (DAPO's) weighs
+    # a trajectory by its length: failures run to the horizon, successes stop early, so every update pushes the
+    # sampled tokens down and entropy climbs (0.89 -> 1.17 in 20 iterations; traj-mean 0.87 -> 0.85; docs/experiments.md)
+    agg: str = "traj-mean"
     resample_rounds: int = 0  # dynamic sampling: extra rollouts when under half the groups are kept (costs 2x on CPU)
 
 
@@ -911,6 +940,15 @@ def flatten_rows(tr: dict, adv: torch.Tensor, keep: torch.Tensor) -> dict:
         "token_mask": rearrange(tr["token_mask"], "b n ka -> (b n) ka"),
         "mask": rearrange(tr["token_mask"].any(-1) & keep[:, None], "b n -> (b n)"),  # rows with any counted action
     }
+
+
+def rollout_logs(tr: dict, stats: dict, bins: int, task: str) -> dict:
+    """One task's rollout numbers: success, the group census (a group teaches only when its outcomes differ) and
+    how hard the policy pushes (an idling or saturating policy shows there first)."""
+    act = (tokens_to_action(tr["tokens"], bins).abs() * tr["token_mask"]).sum() / tr["token_mask"].sum().clamp(min=1)
+    return {f"wmpo/success/{task}": tr["success"].float().mean().item(), f"wmpo/mean_abs_action/{task}": act.item(),
+            f"wmpo/groups_all_fail/{task}": (stats["mean"] == 0).float().mean().item(),
+            f"wmpo/groups_all_success/{task}": (stats["mean"] == 1).float().mean().item()}
 
 
 def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:

@@ -20,7 +20,7 @@ grpo_loss — verl `compute_policy_loss_vanilla` + `agg_loss`, fused per token, 
       weighs the same: the mean of its tokens' losses, then the mean over trajectories (WMPO's and SimpleVLA-RL's
       actor divide each trajectory's loss by its own token count). With traj = arange(B) it is seq-mean-token-mean.
       token-mean (DAPO) weighs a trajectory by its length: with episodes that stop at success, failures outweigh
-      successes and every update pushes the sampled tokens down (the entropy climbs; ../shared/notes/rl-headroom.md).
+      successes and every update pushes the sampled tokens down (the entropy climbs; docs/experiments.md).
     The advantage is gathered per row inside the kernel: no broadcast [B, L] tensor is ever made.
     metrics: clipfrac (pg2 > pg1), clipfrac_lower (dual clip active), approx_kl = mean(-log_ratio).
 

@@ -54,14 +54,42 @@ class Args:
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
+def failure_kind(task: str, instruction: str, first: np.ndarray, last: np.ndarray) -> str:
+    """What a failed episode looks like, from the simulator's object positions (objects, 2) at its first and last
+    frame, for the first goal pair not met: wrong target (the moved object ends nearer another pad, or another
+    block moved more than the named one), near miss (within 2 success radii), untouched (the named block moved
+    < 1 cm), halfway (ends nearer than half its starting distance to the pad) or off course."""
+    names, _ = envs.object_layout(task)
+    for o, p in envs.goal_pairs(task, instruction):
+        i, j = names.index(o), names.index(p)
+        d = np.linalg.norm(last[i] - last[j])
+        if d < envs.SUCCESS_R:
+            continue
+        other_pads = [np.linalg.norm(last[i] - last[k]) for k, n in enumerate(names) if n.startswith("pad_") and k != j]
+        moved = {n: np.linalg.norm(last[k] - first[k]) for k, n in enumerate(names) if n.startswith("block_")}
+        nearer_pad = other_pads and min(other_pads) < min(d, 2 * envs.SUCCESS_R)
+        if nearer_pad or (o in moved and moved[o] < max(moved.values()) - 0.01):
+            return "wrong target"
+        if d < 2 * envs.SUCCESS_R:
+            return "near miss"
+        if o in moved and moved[o] < 0.01:
+            return "untouched"
+        # the right way but not there in time (or stuck on the way) vs anywhere else
+        return "halfway" if d < 0.5 * np.linalg.norm(first[i] - first[j]) else "off course"
+    return "near miss"  # every pair met at the end but never all at once
+
+
 def measure(args: Args, policy, task: str) -> dict:
     G = args.grpo.group_size
     per = max(1, args.envs_at_once // G)  # groups per rollout call
     world = envs.RealChunkEnv(task, per * G)
     world.next_seed = 8000
-    trs = []
+    trs, kinds = [], []
     for _ in range(-(-args.groups // per)):
         trs.append(wmpo.rollout(policy, world, envs.horizon(task), per, G, args.temperature))
+        pos = np.stack(world.object_pos, 1)  # (b, frames, objects, 2)
+        kinds += [None if s else failure_kind(task, ins, p[0], p[-1])
+                  for s, ins, p in zip(trs[-1]["success"].tolist(), world.instructions, pos)]
     world.close()
     success = torch.cat([t["success"] for t in trs]).float()
     finish = torch.cat([t["finish"] for t in trs]).float()
@@ -84,7 +112,8 @@ def measure(args: Args, policy, task: str) -> dict:
     out = {"label": args.label, "task": task, "checkpoint": args.checkpoint, "temperature": args.temperature,
            "execute": policy.cfg.execute, "agg": args.grpo.agg, "trajectories": len(success),
            "success": success.mean().item(), "groups_all_fail": (st["mean"] == 0).float().mean().item(),
-           "groups_all_success": (st["mean"] == 1).float().mean().item(), "groups_mixed": st["keep"].float().mean().item(),
+           "groups_all_success": (st["mean"] == 1).float().mean().item(),
+           "groups_mixed": st["keep"].float().mean().item(),
            "spread_first_action": spread, "greedy_gap_first_action": gap,
            "len_success": finish[success > 0].mean().item() if success.any() else None,
            "len_failure": finish[success == 0].mean().item() if (success == 0).any() else None}
@@ -94,6 +123,11 @@ def measure(args: Args, policy, task: str) -> dict:
         out[name] = float(v.mean()) if len(v) else None
         out[name + "_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
     out["mixed_groups_per_half"] = cos[0]["grpo/grad_signal_groups"] // 2 if cos else 0
+    # failure kinds over all failures, and in mixed groups alone (where GRPO's signal comes from)
+    mixed = st["keep"].repeat_interleave(G).tolist()
+    for name, sel in [("failures", [k for k in kinds if k]),
+                      ("failures_in_mixed", [k for k, m in zip(kinds, mixed) if k and m])]:
+        out[name] = {k: sel.count(k) / len(sel) for k in sorted(set(sel))} if sel else {}
     return out
 
 
@@ -106,12 +140,13 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     policy.train()
     print("| label | task | T | E | traj | success | fail / succ / mixed groups | spread | greedy gap | len s / f "
-          "| grad_cos | grad_cos_perm | mixed groups per half |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| grad_cos | grad_cos_perm | mixed groups per half | failures (in mixed groups) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         r = measure(args, policy, task)
         with open(os.path.join(args.run_dir, "rl_signal.jsonl"), "a") as f:
             f.write(json.dumps(r) + "\n")
+        kinds = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
         fmt = lambda v, se: "–" if v is None else f"{v:+.3f} ± {se or 0:.3f}"  # noqa: E731
         ls = "–" if r["len_success"] is None else f"{r['len_success']:.0f}"
         lf = "–" if r["len_failure"] is None else f"{r['len_failure']:.0f}"
@@ -119,7 +154,8 @@ def main(args: Args):
               f"{r['success']:.2f} | {r['groups_all_fail']:.2f} / {r['groups_all_success']:.2f} / "
               f"{r['groups_mixed']:.2f} | {r['spread_first_action']:.3f} | {r['greedy_gap_first_action']:.3f} | "
               f"{ls} / {lf} | {fmt(r['grad_cos'], r['grad_cos_se'])} | "
-              f"{fmt(r['grad_cos_perm'], r['grad_cos_perm_se'])} | {r['mixed_groups_per_half']} |", flush=True)
+              f"{fmt(r['grad_cos_perm'], r['grad_cos_perm_se'])} | {r['mixed_groups_per_half']} | "
+              f"{kinds(r['failures'])} ({kinds(r['failures_in_mixed'])}) |", flush=True)
 
 
 if __name__ == "__main__":

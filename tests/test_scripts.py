@@ -399,3 +399,42 @@ def test_gpu_check_dry_run_starts_every_step(tmp_path):
     summary = open(tmp_path / "gpu" / "summary.md").read()
     for name in ["tests", "bench_frame_attention", "bench_grpo", "smoke_help"]:
         assert f"| {name} | ok |" in summary, summary
+
+
+def test_failure_kinds_from_object_positions():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_signal", os.path.join(ROOT, "scripts", "rl_signal.py"))
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    names, _ = envs.object_layout("wmpo/Reach-v0")  # pusher, pad_red, pad_green, pad_blue
+    first = np.zeros((len(names), 2))
+    first[names.index("pad_red")], first[names.index("pad_green")] = [0.2, 0], [-0.2, 0]
+    ins = "go to the red pad"
+    last = first.copy()
+    for end, kind in [([-0.2, 0.0], "wrong target"), ([0.15, 0.0], "near miss"), ([0.14, 0.05], "halfway"),
+                      ([0.0, -0.2], "off course")]:
+        last[0] = end
+        assert rl.failure_kind("wmpo/Reach-v0", ins, first, last) == kind, end
+    names, _ = envs.object_layout("wmpo/PushCube-v0")  # pusher, block_red, block_blue, pad_green
+    first = np.zeros((len(names), 2))
+    first[names.index("block_red")], first[names.index("block_blue")] = [0.1, 0], [-0.1, 0]
+    first[names.index("pad_green")] = [0.1, 0.2]
+    ins = "push the red block onto the green pad"
+    last = first.copy()
+    assert rl.failure_kind("wmpo/PushCube-v0", ins, first, last) == "untouched"
+    last[names.index("block_blue")] = [-0.1, 0.1]  # the other block pushed 10 cm
+    assert rl.failure_kind("wmpo/PushCube-v0", ins, first, last) == "wrong target"
+
+
+@pytest.mark.slow
+def test_rl_signal_reports_census_and_cosines(run_dir):
+    run("scripts/rl_signal.py", "--run-dir", run_dir, "--tasks", "wmpo/Reach-v0", "wmpo/PushCube-v0", "--groups", "2",
+        "--splits", "2", "--envs-at-once", "4", "--grpo.group-size", "2", "--temperature", "1.0")
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "rl_signal.jsonl"))]
+    assert [r["task"] for r in rows] == ["wmpo/Reach-v0", "wmpo/PushCube-v0"]
+    for r in rows:
+        assert r["trajectories"] == 4
+        assert abs(r["groups_all_fail"] + r["groups_all_success"] + r["groups_mixed"] - 1) < 1e-6
+        n_fail = round((1 - r["success"]) * 4)
+        assert abs(sum(r["failures"].values()) - (1 if n_fail else 0)) < 1e-6

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import repeat
 
 import envs
 import wmpo
@@ -259,6 +260,31 @@ def test_load_world_round_trip(tmp_path):
     assert torch.equal(out, direct.step(acts))
     with pytest.raises(SystemExit, match="train_wm.py"):
         wmpo.load_world(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("split", [[2] * 10, [3, 5, 1, 7, 4]])
+def test_step_splits_give_the_same_frames_as_one_unroll(split):
+    # GRPO steps E actions at a time; the frames must be those of one call (the path training unrolls), and inside
+    # a chunk they must be WorldModel.unroll's own prediction decoded (no context restart, no re-encoding)
+    torch.manual_seed(0)
+    codec, wm = wmpo.FrameCodec(wmpo.CodecConfig(width=8)).eval(), random_wm().eval()
+    world = wmpo.WorldModelEnv(wm, codec)
+    f0, acts = frames(2), torch.rand(2, 20, 2) * 2 - 1
+    world.reset(f0, ["go to the red pad"] * 2)
+    ref = world.step(acts)
+    world.reset(f0, ["go to the red pad"] * 2)
+    starts = [sum(split[:i]) for i in range(len(split))]
+    out = torch.cat([world.step(acts[:, s : s + n]) for s, n in zip(starts, split)], 1)
+    assert out.shape == (2, 20, 64, 64, 3) and torch.equal(out, ref)
+    z0 = repeat(codec.encode(f0), "b c h w -> b t c h w", t=WM_CFG.context)
+    z = wm.predict(z0, torch.zeros(2, WM_CFG.context - 1, 2), acts[:, : WM_CFG.chunk])
+    direct = torch.stack([codec.to_uint8(codec.decode(z[:, j])) for j in range(WM_CFG.chunk)], 1)
+    assert (out[:, : WM_CFG.chunk].int() - direct.int()).abs().max() <= 1  # same latents, decoded one by one
+    # a later action never changes an earlier frame
+    world.reset(f0, ["go to the red pad"] * 2)
+    other = acts.clone()
+    other[:, 11:] = -other[:, 11:]
+    assert torch.equal(world.step(other)[:, :11], ref[:, :11])
 
 
 def test_world_model_env_matches_real_chunk_env_shapes():
