@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (before any MuJoCo renderer: see envs.py)
@@ -625,7 +626,8 @@ class WorldModelEnv:
                 nxt, self.caches = wm.next_latents(self.ctx, z_prev, af[:, :C], None, 0)
                 self.pred, self.last = nxt[:, -1:], self.ctx[:, -1:]
             else:  # the previous prediction is the next input (WorldModel.unroll's loop body)
-                nxt, self.caches = wm.next_latents(self.pred, self.last, af[:, C - 1 + j : C + j], self.caches, C + j - 1)
+                af_j = af[:, C - 1 + j : C + j]
+                nxt, self.caches = wm.next_latents(self.pred, self.last, af_j, self.caches, C + j - 1)
                 self.pred, self.last = nxt, self.pred
             self.chunk_frames.append(self.codec.to_uint8(self.codec.decode(self.pred))[:, 0])  # (b, h, w, c)
             out.append(self.chunk_frames[-1])
@@ -651,6 +653,41 @@ def load_world(run_dir: str, device="cpu", world_model: str = "wm", reward_model
         require(os.path.join(run_dir, f"{name}.safetensors"), make), device, expect=kind).eval()
     reward = get(reward_model, "RewardModel") if reward_model else None
     return WorldModelEnv(get(world_model, "WorldModel"), get("codec", "FrameCodec"), device, reward, starts)
+
+
+class ImaginedEnv(gym.Env):
+    """A gymnasium env inside a trained world model, judged by the trained reward model, so any RL library can train
+    in imagination: reset(seed) draws one of the run's real first frames (the rollouts train_wm.py collected, which
+    the budget P already counts), step(action [2] in [-1, 1]) -> the imagined next frame uint8 (64, 64, 3), reward
+    1 and terminated when the reward model sees success (its clip ending at this frame over its threshold), and
+    truncated at the task's horizon: never easier than the real task. info["success"] on every step."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, run_dir: str, task: str, device="cpu", world_model: str = "wm", reward_model: str = "reward"):
+        eps = envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{envs.task_name(task)}")
+        if not eps:
+            raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
+                             f"python train_wm.py --run-dir {run_dir}")
+        self.world = load_world(run_dir, device, world_model, reward_model)
+        self.starts = [(e["frames"][0], e["instruction"]) for e in eps]
+        self.task, self.horizon, self.clip = task, envs.horizon(task), self.world.reward.cfg.clip
+        self.observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        frame, self.instruction = self.starts[int(self.np_random.integers(len(self.starts)))]
+        self.frames = [self.world.reset(torch.from_numpy(frame)[None], [self.instruction])]  # (1, h, w, c) each
+        return frame.copy(), {"success": False}
+
+    def step(self, action):
+        a = torch.as_tensor(np.asarray(action, np.float32)).clamp(-1, 1).reshape(1, 1, 2)
+        self.frames.append(self.world.step(a)[:, 0].cpu())
+        clip = torch.stack(self.frames[-self.clip :], 1)  # the reward model's clip ending at the new frame
+        success = bool(self.world.judge(clip)[0, -1])
+        truncated = len(self.frames) - 1 >= self.horizon and not success
+        return self.frames[-1][0].numpy(), float(success), success, truncated, {"success": success}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -884,7 +921,7 @@ class GRPOConfig:
     # loss aggregation (kernels.grpo.AGG_MODES). traj-mean: each trajectory's token mean, then the mean over
     # trajectories, as WMPO's actor divides each trajectory's loss by its own token count. token-mean (DAPO's) weighs
     # a trajectory by its length: failures run to the horizon, successes stop early, so every update pushes the
-    # sampled tokens down and entropy climbs (0.89 -> 1.17 in 20 iterations; traj-mean 0.87 -> 0.85; docs/experiments.md)
+    # sampled tokens down and entropy climbs (0.89 -> 1.17 in 20 iterations, traj-mean 0.87 -> 0.85: experiments.md)
     agg: str = "traj-mean"
     resample_rounds: int = 0  # dynamic sampling: extra rollouts when under half the groups are kept (costs 2x on CPU)
 

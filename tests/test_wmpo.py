@@ -1,7 +1,9 @@
 """wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
 
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -301,6 +303,37 @@ def test_world_model_env_matches_real_chunk_env_shapes():
     assert f0.shape == f0_i.shape == (2, 64, 64, 3)
     assert fr.shape == fi.shape == (2, 8, 64, 64, 3) and fr.dtype == fi.dtype == torch.uint8
     assert real.success.shape == (2, 9)
+
+
+def test_imagined_env_is_a_gymnasium_env_judged_by_the_reward_model(tmp_path):
+    from gymnasium.utils.env_checker import check_env
+
+    torch.manual_seed(0)
+    wmpo.save(wmpo.FrameCodec(wmpo.CodecConfig(width=8)), str(tmp_path / "codec.safetensors"))
+    wmpo.save(random_wm(), str(tmp_path / "wm.safetensors"))
+    rm = wmpo.RewardModel(wmpo.RewardConfig(width=8, keypoints=4, text_dim=16, hidden=32))
+    wmpo.save(rm, str(tmp_path / "reward.safetensors"))
+    eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2, 3])
+    os.makedirs(tmp_path / "data")
+    envs.save_episodes(str(tmp_path / "data" / "rollouts-reach-v0-0.safetensors"), eps)
+    env = wmpo.ImaginedEnv(str(tmp_path), "wmpo/Reach-v0")
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=5)
+    assert any(np.array_equal(obs, e["frames"][0]) for e in eps) and info["success"] is False
+    # each step's reward is the reward model's verdict on the clip ending at the new frame, as GRPO's judge sees it
+    frames, n = [torch.from_numpy(obs)[None]], 0
+    for t in range(envs.horizon("wmpo/Reach-v0") + 5):
+        obs, r, term, trunc, info = env.step(np.array([0.5, -0.5], np.float32))
+        frames.append(torch.from_numpy(obs)[None])
+        words = rm.text.tokenize([env.instruction])
+        expect = rm(torch.stack(frames, 1), words)[0, -1].item() >= rm.cfg.threshold
+        assert info["success"] == expect and r == float(expect) and term == expect
+        n += 1
+        if term or trunc:
+            break
+    assert term or n == envs.horizon("wmpo/Reach-v0")  # truncated exactly at the task's horizon
+    with pytest.raises(SystemExit, match="train_wm.py"):
+        wmpo.ImaginedEnv(str(tmp_path / "empty"), "wmpo/Reach-v0")
 
 
 # -- reward model ----------------------------------------------------------------------------------------------------
