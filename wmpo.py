@@ -988,12 +988,23 @@ def rollout_logs(tr: dict, stats: dict, bins: int, task: str) -> dict:
             f"wmpo/groups_all_success/{task}": (stats["mean"] == 1).float().mean().item()}
 
 
+def minibatch_loss(policy: VLA, obs, words, tokens, old, adv, tmask, traj, cfg: GRPOConfig, device="cpu"):
+    """The GRPO loss (kernels.grpo.grpo_loss, cfg's clip and aggregation) on rows of chosen chunks: obs (m, h, w, c),
+    words (m, l), tokens / old log-probs / token_mask (m, k*a), adv (m,), traj (m,) any trajectory ids (renumbered
+    here). old None: the current log-probs (ratio 1). Returns (loss, metrics)."""
+    from kernels.grpo import grpo_loss
+
+    logp = policy.logprob(obs.to(device), words.to(device), tokens.to(device), cfg.temperature, per_token=True)
+    ids = torch.unique(traj, return_inverse=True)[1].to(device)
+    old = logp.detach() if old is None else old.to(device)
+    return grpo_loss(logp, old, adv.to(device), tmask.to(device).float(), cfg.clip_low, cfg.clip_high, agg=cfg.agg,
+                     traj=ids)
+
+
 def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:
     """One GRPO update on a batch of rollouts. batch: obs (r, h, w, c) uint8, words (r, l), tokens (r, k*a),
     adv (r,), mask (r,), token_mask (r, k*a) — one row per chosen chunk, its trajectory's advantage broadcast to it;
     rows with mask False are dropped, tokens with token_mask False do not count."""
-    from kernels.grpo import grpo_loss
-
     rows = batch["mask"].nonzero()[:, 0]
     obs, words, tokens, adv, tmask = (batch[k][rows] for k in ["obs", "words", "tokens", "adv", "token_mask"])
     traj = batch["traj"][rows] if "traj" in batch else torch.arange(len(rows))  # default: a row per trajectory
@@ -1009,11 +1020,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
         # mini-batches of whole trajectories: traj-mean then sees each trajectory's every token in one loss
         for mb_traj in torch.randperm(n_traj).chunk(cfg.minibatches):
             mb = torch.isin(traj, mb_traj).nonzero()[:, 0]
-            o, w, t = obs[mb].to(device), words[mb].to(device), tokens[mb].to(device)
-            logp = policy.logprob(o, w, t, cfg.temperature, per_token=True)  # (m, k*a)
-            ids = torch.unique(traj[mb], return_inverse=True)[1].to(device)
-            loss, m = grpo_loss(logp, old[mb].to(device), adv[mb].to(device), tmask[mb].to(device).float(),
-                                cfg.clip_low, cfg.clip_high, agg=cfg.agg, traj=ids)
+            loss, m = minibatch_loss(policy, obs[mb], words[mb], tokens[mb], old[mb], adv[mb], tmask[mb], traj[mb],
+                                     cfg, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
@@ -1023,7 +1031,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
                          ("grad_norm", grad_norm)]:
                 logs[f"grpo/{k}"].append(v.item())
             with torch.no_grad():
-                logs["grpo/entropy"].append(policy.entropy(o[:64], w[:64], cfg.temperature).item())
+                e = policy.entropy(obs[mb[:64]].to(device), words[mb[:64]].to(device), cfg.temperature)
+                logs["grpo/entropy"].append(e.item())
     out = {k: float(sum(v) / max(len(v), 1)) for k, v in logs.items()}
     out["grpo/tokens"] = int(tmask.sum())
     return out
@@ -1032,13 +1041,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
 def policy_gradient(policy: VLA, batch: dict, rows: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig, device):
     """The GRPO loss's gradient (flattened) on `rows` of a flatten_rows batch with advantages `adv` per row, at
     ratio 1 (old log-probs = current): the direction one update would start in."""
-    from kernels.grpo import grpo_loss
-
-    o, w, t = (batch[k][rows].to(device) for k in ["obs", "words", "tokens"])
-    logp = policy.logprob(o, w, t, cfg.temperature, per_token=True)
-    ids = torch.unique(batch["traj"][rows], return_inverse=True)[1].to(device)
-    loss, _ = grpo_loss(logp, logp.detach(), adv[rows].to(device), batch["token_mask"][rows].to(device).float(),
-                        cfg.clip_low, cfg.clip_high, agg=cfg.agg, traj=ids)
+    o, w, t, tmask, traj = (batch[k][rows] for k in ["obs", "words", "tokens", "token_mask", "traj"])
+    loss, _ = minibatch_loss(policy, o, w, t, None, adv[rows], tmask, traj, cfg, device)
     grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
     return torch.cat([g.flatten() for g in grads if g is not None])
 

@@ -94,13 +94,9 @@ def measure(args: Args, policy, task: str) -> dict:
     success = torch.cat([t["success"] for t in trs]).float()
     finish = torch.cat([t["finish"] for t in trs]).float()
     adv, st = group_advantages(success, G, return_stats=True)
-    rows = []
-    for i, t in enumerate(trs):
-        n = len(t["success"])
-        r = wmpo.flatten_rows(t, adv[i * n : (i + 1) * n], st["keep"].repeat_interleave(G)[i * n : (i + 1) * n])
-        r["traj"] += i * n
-        rows.append(r)
-    batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    # all rollout calls as one batch of trajectories, in group order (what grpo_loop hands grad_signal)
+    tr = {k: torch.cat([t[k] for t in trs]) for k in ["obs", "tokens", "words", "token_mask"]}
+    batch = wmpo.flatten_rows(tr, adv, st["keep"].repeat_interleave(G))
     # the spread of the first action within a group: all G samples saw the same first frame
     first = torch.cat([wmpo.tokens_to_action(t["tokens"][:, 0, :2], policy.cfg.bins) for t in trs])  # (b, a)
     spread = first.reshape(-1, G, 2).std(1).mean().item()
