@@ -21,6 +21,7 @@ Run `python envs.py` for expert success rates and env steps/s per task.
 import functools
 import json
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # read once at `import mujoco`: must be set before it
 os.environ.setdefault("LP_NUM_THREADS", "0")  # llvmpipe renders inline: 1.7-2.6x faster at 64x64
@@ -150,6 +151,7 @@ class TabletopEnv(gym.Env):
     blocks: list[str] = []
     pads: list[str] = []
     horizon = 50
+    success_r = SUCCESS_R  # a block counts as on its pad within this distance of the pad's centre
     shift: str | None = None  # one of SHIFTS in the perturbed variants (wmpo/<Task>-<Shift>-v0), never in training
 
     def __init__(self, render_mode: str | None = "rgb_array", full_horizon: bool = False):
@@ -342,8 +344,9 @@ class Reach(TabletopEnv):
     horizon = 30
 
     def sample_layout(self, rng):
-        pts = sample_points(rng, 4, 0.19, [[0], [0.12, 0], [0.12, 0.12, 0], [0.12, 0.12, 0.12, 0]])
-        self.target = self.pads[rng.integers(3)]
+        n = len(self.pads)
+        pts = sample_points(rng, n + 1, 0.19, [[0.12] * i + [0] for i in range(n + 1)])
+        self.target = self.pads[rng.integers(n)]
         text = REACH_TEMPLATES[rng.integers(len(REACH_TEMPLATES))].format(pad=self.target)
         return pts[0], {}, dict(zip(self.pads, pts[1:])), text
 
@@ -373,7 +376,7 @@ class PushCube(TabletopEnv):
         return pts[0], dict(zip(self.blocks, pts[1:3])), {"green": pts[3]}, text
 
     def success(self):
-        return np.linalg.norm(self.block(self.target) - self.pad("green")) < SUCCESS_R
+        return np.linalg.norm(self.block(self.target) - self.pad("green")) < self.success_r
 
     def expert_action(self):
         return self.follow_push(self.target, "green", [c for c in self.blocks if c != self.target])
@@ -415,8 +418,8 @@ class PushTwo(TabletopEnv):
         text = PUSH_TWO_TEMPLATES[rng.integers(len(PUSH_TWO_TEMPLATES))].format(block=b1, pad=p1, block2=b2, pad2=p2)
         return pts[0], dict(zip(self.blocks, pts[1:3])), dict(zip(self.pads, pts[3:5])), text
 
-    def on_pad(self, b, p, tol=SUCCESS_R):
-        return np.linalg.norm(self.block(b) - self.pad(p)) < tol
+    def on_pad(self, b, p, tol=None):
+        return np.linalg.norm(self.block(b) - self.pad(p)) < (tol or self.success_r)
 
     def success(self):
         return all(self.on_pad(b, p) for b, p in self.order)
@@ -429,16 +432,76 @@ class PushTwo(TabletopEnv):
         return self.follow_push(b2, p2, [b1])
 
 
-TASKS = ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]
-# perturbed variants for evaluation only: wmpo/PushCube-v0 -> wmpo/PushCube-Position-v0, -Background-v0, -Texture-v0
-VARIANTS = [t.replace("-v0", f"-{shift}-v0") for t in TASKS for shift in SHIFTS]
+# ----------------------------------------------------------------------------------------------------------
+# v1: the same scenes made so that a base policy's failures are decisions RL can learn away (issue 33), not luck
+# at the policy's precision. On v0, a critic that sees every object's true position explains 20% of PushCube's
+# outcome: a quarter of its failures pass the block within the pad's own radius but never within the 3 cm rule, and
+# a failed push has no time left to be retried. v1 counts a block as on its pad when its centre is over the pad
+# (PAD_R, 5.8 px: a rule the 64x64 image resolves), gives time to retry, and makes the instruction choose among
+# more objects (Reach: four pads; PushCube: two blocks x two pads), so grounding is a choice sampling can get right.
+
+
+class ReachV1(Reach):
+    """Move the pusher onto the named one of four pads (v0: three)."""
+
+    pads = ["red", "green", "blue", "yellow"]
+
+
+class PushCubeV1(PushCube):
+    """Push the named one of two blocks onto the named one of two pads; on the pad = centre over it; 60 steps."""
+
+    pads = ["green", "yellow"]
+    horizon = 60
+    success_r = PAD_R
+
+    def sample_layout(self, rng):
+        # pusher, block 1, block 2, pad 1, pad 2: the target block's push lane clear of the other block
+        d = [[0], [0.09, 0], [0.09, 0.12, 0], [0.06, 0.1, 0.1, 0], [0.06, 0.1, 0.1, 0.12, 0]]
+        while True:
+            pts = sample_points(rng, 5, 0.19, d)
+            k, j = rng.integers(2), rng.integers(2)  # target block, target pad
+            if np.abs(pts[1:5]).max() < 0.14 and push_lane_dist(pts[1 + k], pts[3 + j], pts[2 - k]) > LANE_CLEAR:
+                break
+        self.target, self.target_pad = self.blocks[k], self.pads[j]
+        text = PUSH_TEMPLATES[rng.integers(len(PUSH_TEMPLATES))].format(block=self.target, pad=self.target_pad)
+        return pts[0], dict(zip(self.blocks, pts[1:3])), dict(zip(self.pads, pts[3:5])), text
+
+    def success(self):
+        return np.linalg.norm(self.block(self.target) - self.pad(self.target_pad)) < self.success_r
+
+    def expert_action(self):
+        return self.follow_push(self.target, self.target_pad, [c for c in self.blocks if c != self.target])
+
+
+class PushTwoV1(PushTwo):
+    """PushTwo with on the pad = centre over it, and 100 steps."""
+
+    horizon = 100
+    success_r = PAD_R
+
+
+TASKS = ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]  # the default suite
+# gymnasium calls a -v0 "out of date" once a -v1 exists; here both are kept tasks with their own numbers
+warnings.filterwarnings("ignore", message=".*is out of date. You should consider upgrading")
+TASKS_V1 = ["wmpo/Reach-v1", "wmpo/PushCube-v1", "wmpo/PushTwo-v1"]
+REGISTERED = TASKS + TASKS_V1  # the seed ranges follow this order: v0's seeds never move
+
+
+def variant(task: str, shift: str) -> str:
+    """wmpo/PushCube-v1, "Texture" -> wmpo/PushCube-Texture-v1."""
+    name, version = task.rsplit("-", 1)
+    return f"{name}-{shift}-{version}"
 
 
 def base_task(task: str) -> str:
     """wmpo/PushCube-Texture-v0 -> wmpo/PushCube-v0 (a task is its own base)."""
     for shift in SHIFTS:
-        task = task.replace(f"-{shift}-v0", "-v0")
+        task = task.replace(f"-{shift}-", "-")
     return task
+
+
+# perturbed variants for evaluation only: wmpo/PushCube-v0 -> wmpo/PushCube-Position-v0, -Background-v0, -Texture-v0
+VARIANTS = [variant(t, shift) for t in REGISTERED for shift in SHIFTS]
 
 
 # Disjoint reset-seed ranges per purpose (and per task inside each): evaluation never sees a training layout.
@@ -448,17 +511,20 @@ SEED_BASE = {"demos": 0, "explore": 100_000, "rollouts": 200_000, "heldout": 300
 
 def seeds(purpose: str, task: str, n: int, start: int = 0) -> list[int]:
     """n reset seeds for `purpose` on `task`: 10,000 per task inside a purpose's 100,000 block."""
-    base = SEED_BASE[purpose] + TASKS.index(base_task(task)) * 10_000 + start  # a variant shares its task's seeds
+    base = SEED_BASE[purpose] + REGISTERED.index(base_task(task)) * 10_000 + start  # a variant shares its task's
     assert start + n <= 10_000, "seed range exhausted"
     return list(range(base, base + n))
-for _name, _cls in [("Reach", Reach), ("PushCube", PushCube), ("PushTwo", PushTwo)]:
-    if f"wmpo/{_name}-v0" not in gym.registry:
-        gym.register(f"wmpo/{_name}-v0", entry_point=_cls, max_episode_steps=None)
+
+
+for _name, _cls, _v in [("Reach", Reach, "v0"), ("PushCube", PushCube, "v0"), ("PushTwo", PushTwo, "v0"),
+                        ("Reach", ReachV1, "v1"), ("PushCube", PushCubeV1, "v1"), ("PushTwo", PushTwoV1, "v1")]:
+    if f"wmpo/{_name}-{_v}" not in gym.registry:
+        gym.register(f"wmpo/{_name}-{_v}", entry_point=_cls, max_episode_steps=None)
     for _shift in SHIFTS:  # a subclass per shift, at module level so spawned vector-env workers can import it
-        _var = type(f"{_name}{_shift}", (_cls,), {"shift": _shift})
+        _var = type(f"{_cls.__name__}{_shift}", (_cls,), {"shift": _shift})
         globals()[_var.__name__] = _var
-        if f"wmpo/{_name}-{_shift}-v0" not in gym.registry:
-            gym.register(f"wmpo/{_name}-{_shift}-v0", entry_point=_var, max_episode_steps=None)
+        if f"wmpo/{_name}-{_shift}-{_v}" not in gym.registry:
+            gym.register(f"wmpo/{_name}-{_shift}-{_v}", entry_point=_var, max_episode_steps=None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -492,9 +558,9 @@ def goal_distance(task: str, instruction: str, object_pos: np.ndarray) -> np.nda
 
 def make(task: str, **kwargs) -> gym.Env:
     """gym.make with a clear error for an unknown task id."""
-    if task not in TASKS + VARIANTS:
-        raise ValueError(f"unknown task id {task!r}; known tasks: {', '.join(TASKS)} (and their variants "
-                         f"<task>-{{{','.join(SHIFTS)}}}-v0)")
+    if task not in REGISTERED + VARIANTS:
+        raise ValueError(f"unknown task id {task!r}; known tasks: {', '.join(REGISTERED)} (and their variants "
+                         f"<task>-{{{','.join(SHIFTS)}}}-v<n>)")
     return gym.make(task, **kwargs)
 
 
@@ -503,6 +569,15 @@ def horizon(task: str) -> int:
     """The task's episode length in actions (an unknown id fails here, before any work)."""
     env = make(task)
     out = env.unwrapped.horizon
+    env.close()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def success_radius(task: str) -> float:
+    """How near its pad's centre an object counts as on it (m): SUCCESS_R on v0, the pad's radius on v1."""
+    env = make(task)
+    out = env.unwrapped.success_r
     env.close()
     return out
 
@@ -791,6 +866,8 @@ if __name__ == "__main__":
     class Args:
         episodes: int = 100
         """expert episodes per task"""
+        tasks: tuple[str, ...] = tuple(REGISTERED)
+        """tasks to measure"""
         bench_steps: int = 2000
         """env steps for the speed measurement"""
         num_envs: int = 4
@@ -799,7 +876,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     print(f"{'task':20s} {'expert success':>15s} {'mean len':>9s} {'steps/s (1 env)':>16s} "
           f"{'steps/s sync x' + str(args.num_envs):>18s} {'steps/s async x' + str(args.num_envs):>19s}")
-    for task in TASKS:
+    for task in args.tasks:
         eps = collect(task, expert_policy(), list(range(10_000, 10_000 + args.episodes)))
         succ = np.array([ep["success"][-1] for ep in eps])
         lens = np.array([len(ep["actions"]) - 1 for ep in eps])

@@ -137,8 +137,7 @@ def generalisation_rows(results: dict, tasks: list[str], episodes: int) -> dict:
     "generalisation/<Shift>" = success over the tasks' variants with that shift, "generalisation/mean" = over all."""
     out = {}
     for name, res in results.items():
-        row = {s: float(np.mean([res[t.replace("-v0",
-                                               f"-{s}-v0")]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
+        row = {s: float(np.mean([res[envs.variant(t, s)]["success_rate"] for t in tasks])) for s in envs.SHIFTS}
         row["mean"] = float(np.mean(list(row.values())))
         n = {s: episodes * len(tasks) for s in envs.SHIFTS} | {"mean": episodes * len(tasks) * len(envs.SHIFTS)}
         out[name] = {f"generalisation/{s}": {"success_rate": v, "episodes": n[s]} for s, v in row.items()}
@@ -192,7 +191,7 @@ def main(args: Args):
     args.out = args.out or args.split
     base_tasks = list(args.tasks)
     if args.suite == "generalisation":
-        args.tasks = tuple(t.replace("-v0", f"-{s}-v0") for t in base_tasks for s in envs.SHIFTS)
+        args.tasks = tuple(envs.variant(t, s) for t in base_tasks for s in envs.SHIFTS)
     for t in args.tasks:
         envs.make(t).close()  # an unknown id fails before any work
     results = {}

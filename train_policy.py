@@ -23,6 +23,7 @@ from tqdm import tqdm
 import envs
 import wmpo
 from kernels.grpo import group_advantages
+from scripts.rl_signal import grad_signal  # a diagnostic, logged every iteration
 
 # ----------------------------------------------------------------------------------------------------------
 # SFT
@@ -211,7 +212,7 @@ class WMPOArgs:
     execute: int = -1
     """actions run per chunk before the policy looks again (-1: the checkpoint's; the trained policy keeps it)"""
     grad_signal_every: int = 1
-    """log wmpo.grad_signal (the update's signal vs a permuted-label control) every this many iterations (0: never)"""
+    """log grad_signal (scripts/rl_signal.py: the update's signal vs a permuted-label control) every this many iterations (0: never)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 
@@ -314,7 +315,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             batch["mask"] = torch.ones_like(batch["mask"])
         policy.train()
         if args.grad_signal_every and it % args.grad_signal_every == 0 and world_size == 1:
-            logs.update(wmpo.grad_signal(policy, batch, G, args.grpo, args.device, seed=it))
+            logs.update(grad_signal(policy, batch, G, args.grpo, args.device, seed=it))
         t_upd = time.time()  # the update's own throughput, without the diagnostic
         if wmpo.all_sum(torch.tensor(kept_groups)).item() > 0:
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))

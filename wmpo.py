@@ -1038,38 +1038,6 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
     return out
 
 
-def policy_gradient(policy: VLA, batch: dict, rows: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig, device):
-    """The GRPO loss's gradient (flattened) on `rows` of a flatten_rows batch with advantages `adv` per row, at
-    ratio 1 (old log-probs = current): the direction one update would start in."""
-    o, w, t, tmask, traj = (batch[k][rows] for k in ["obs", "words", "tokens", "token_mask", "traj"])
-    loss, _ = minibatch_loss(policy, o, w, t, None, adv[rows], tmask, traj, cfg, device)
-    grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
-    return torch.cat([g.flatten() for g in grads if g is not None])
-
-
-def grad_signal(policy: VLA, batch: dict, G: int, cfg: GRPOConfig, device="cpu", seed: int = 0) -> dict:
-    """Is the batch's gradient signal or noise? The kept groups are split in two random halves; the cosine between
-    the halves' gradients (`grad_cos`) beside the same with each group's advantages permuted among its members
-    (`grad_cos_perm`: same group statistics, outcomes detached from behaviour). Independent noise gives ~0 for
-    both; a gradient that generalises across initial states gives grad_cos well above the control. batch needs
-    `traj` ids in group order (trajectory i in group i // G), as grpo_loop builds them."""
-    gen = torch.Generator().manual_seed(seed)
-    traj, rows_ok = batch["traj"], batch["mask"]
-    n_traj = int(traj.max()) + 1
-    adv_t = torch.zeros(n_traj).index_copy(0, traj, batch["adv"].float())  # (trajectories,)
-    kept = torch.zeros(n_traj // G, dtype=torch.bool).index_fill(0, traj[rows_ok] // G, True)
-    groups = kept.nonzero()[:, 0][torch.randperm(int(kept.sum()), generator=gen)]
-    if len(groups) < 2:
-        return {}
-    perm = torch.rand(n_traj // G, G, generator=gen).argsort(1) + torch.arange(n_traj // G)[:, None] * G
-    adv_perm = adv_t[perm.reshape(-1)][traj]  # each trajectory takes a random group-mate's advantage
-    halves = [torch.isin(traj // G, h) & rows_ok for h in groups.chunk(2)]
-    grads = {(k, i): policy_gradient(policy, batch, h.nonzero()[:, 0], a, cfg, device)
-             for k, a in [("real", batch["adv"]), ("perm", adv_perm)] for i, h in enumerate(halves)}
-    cos = {k: F.cosine_similarity(grads[(k, 0)], grads[(k, 1)], dim=0).item() for k in ["real", "perm"]}
-    return {"grpo/grad_cos": cos["real"], "grpo/grad_cos_perm": cos["perm"], "grpo/grad_signal_groups": len(groups)}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: weights in safetensors, {"kind", "config", "step"} in its metadata; written atomically
 

@@ -33,6 +33,12 @@ class Args:
     """output prefix: <out>.md, <out>_training.png, <out>_budget.png"""
     checkpoints: tuple[str, ...] = ("policy_sft", "policy_grpo_real", "policy_wmpo")
     """columns of the headline table, in order (with their @T0.5 / @T1 variants when evaluated)"""
+    oracle: str = ""
+    """instead of the headline: the learning curve of a long grpo-real run (the oracle) from <run>/<oracle>.metrics.jsonl
+    (e.g. grpo_real_oracle) -> <out>.md and <out>.png: rollout success per block of iterations and `val` success at
+    its checks, against real trajectories, beside the base (the first `val` check) and the base + 20 gate"""
+    block: int = 20
+    """iterations per block of the oracle curve"""
 
 
 LABELS = {"policy_sft": "base (SFT)", "policy_grpo_real": "GRPO-real", "policy_wmpo": "WMPO"}
@@ -252,7 +258,80 @@ def budget_plot(args: Args, evals: dict, path: str) -> bool:
     return True
 
 
+def oracle_curve(rows: list[dict], block: int) -> tuple[list[dict], list[dict]]:
+    """A grpo-real run's metrics rows -> (blocks, val checks). A block: its iterations, the real trajectories spent by
+    its end, rollout success (mean over tasks, and per task), mean per-token entropy, gradient cosine vs its
+    permuted control. A val check: real trajectories spent, `val` success (mean and per task); the base is step -1."""
+    it_rows = [r for r in rows if "grpo/real_success" in r]
+    tasks = sorted(k.removeprefix("wmpo/success/") for k in (it_rows[0] if it_rows else {}) if k.startswith("wmpo/success/"))
+    blocks = []
+    for i in range(0, len(it_rows), block):
+        b = it_rows[i : i + block]
+        mean = lambda k: float(np.mean([r[k] for r in b if k in r])) if any(k in r for r in b) else None  # noqa: E731
+        blocks.append({"iterations": (b[0]["step"], b[-1]["step"]), "real_trajectories": b[-1]["real_trajectories"],
+                       "success": mean("grpo/real_success"), "entropy": mean("grpo/entropy"),
+                       "grad_cos": mean("grpo/grad_cos"), "grad_cos_perm": mean("grpo/grad_cos_perm"),
+                       **{t: mean(f"wmpo/success/{t}") for t in tasks}})
+    spent = {r["step"]: r["real_trajectories"] for r in it_rows}
+    vals = [{"step": r["step"], "real_trajectories": spent.get(r["step"], 0),
+             **{k.removeprefix("val/real_success").lstrip("/") or "mean": v for k, v in r.items()
+                if k.startswith("val/real_success")}} for r in rows if "val/real_success" in r]
+    return blocks, vals
+
+
+def oracle_report(args: Args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    md = [f"## Oracle learning curve ({args.oracle}, blocks of {args.block} iterations)\n"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, run in enumerate(args.runs):
+        rows = read_jsonl(os.path.join(run, f"{args.oracle}.metrics.jsonl"))
+        if not rows:
+            raise SystemExit(f"error: {run}/{args.oracle}.metrics.jsonl is missing; make it with: python "
+                             f"train_policy.py grpo-real --run-dir {run} --out policy_{args.oracle} ...")
+        blocks, vals = oracle_curve(rows, args.block)
+        tasks = [k for k in blocks[0] if "/" in k] if blocks else []
+        md += [f"\n### {run}\n\n| iterations | real trajectories | rollout success | "
+               + " | ".join(t.split("/")[1] for t in tasks) + " | entropy | grad cos | cos perm |\n|"
+               + "---|" * (6 + len(tasks)) + "\n"]
+        f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+        for b in blocks:
+            md.append(f"| {b['iterations'][0]}–{b['iterations'][1]} | {b['real_trajectories']} | {f(b['success'])} | "
+                      + " | ".join(f(b[t]) for t in tasks)
+                      + f" | {f(b['entropy'], 2)} | {f(b['grad_cos'])} | {f(b['grad_cos_perm'])} |\n")
+        if vals:
+            keys = [k for k in vals[0] if k not in ("step", "real_trajectories")]
+            md += ["\n| val check after iteration | real trajectories | " + " | ".join(keys) + " |\n|"
+                   + "---|" * (2 + len(keys)) + "\n"]
+            md += [f"| {'base' if v['step'] < 0 else v['step']} | {v['real_trajectories']} | "
+                   + " | ".join(f(v.get(k)) for k in keys) + " |\n" for v in vals]
+        name = os.path.basename(run.rstrip("/"))
+        if blocks:
+            ax.plot([b["real_trajectories"] for b in blocks], [b["success"] for b in blocks], color=f"C{i}",
+                    ls="--", marker=".", label=f"{name}: rollout success, block mean")
+        if vals:
+            ax.plot([v["real_trajectories"] for v in vals], [v["mean"] for v in vals], color=f"C{i}", marker="o",
+                    label=f"{name}: val success")
+            ax.axhline(vals[0]["mean"], color=f"C{i}", lw=0.8, ls=":", label=f"{name}: base (val)")
+            ax.axhline(min(vals[0]["mean"] + 0.2, 1), color=f"C{i}", lw=0.8, ls="-.", label=f"{name}: base + 20")
+    ax.set(xlabel="real trajectories", ylabel="success (mean over tasks)", ylim=(0, 1))
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(f"{args.out}.png", dpi=120)
+    plt.close(fig)
+    md.append(f"\n![oracle]({os.path.basename(args.out)}.png)\n\nMade by `python scripts/results.py "
+              f"{' '.join(args.runs)} --oracle {args.oracle} --block {args.block} --out {args.out}`.\n")
+    open(f"{args.out}.md", "w").write("".join(md))
+    print("".join(md))
+
+
 def main(args: Args):
+    if args.oracle:
+        return oracle_report(args)
     evals = {}
     for run in args.runs:
         if not os.path.isdir(run):

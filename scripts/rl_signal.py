@@ -1,16 +1,24 @@
-"""Does a GRPO batch of this policy carry a learning signal? A few-minute check to run before any long GRPO run.
+"""Does a GRPO batch of this policy carry a learning signal, and are its failures decisions or luck? A few-minute
+headroom check to run before any long GRPO run (issue 33).
 
-    python scripts/rl_signal.py --run-dir runs/s0 --temperature 0.5 --groups 32
+    python scripts/rl_signal.py --run-dir runs/s0 --temperature 0.5 --groups 16 --batches 4
 
-Per task, rolls out --groups initial states x G samples in the real env (fresh `grpo_real` seeds from 8,000 on, never
-`val` or `eval`) exactly as grpo-real does, then reports:
+Per task, rolls out --batches independent batches of --groups initial states x G samples in the real env (fresh
+`grpo_real` seeds from 8,000 on, never `val` or `eval`) exactly as grpo-real does, then reports:
     success, group census   share of all-failure / all-success / mixed groups (only mixed groups teach)
     spread                  std of the first executed action within a group, in action units (same frame, so it is
                             the sampling temperature's spread alone), and the greedy-vs-sampled action gap
-    lengths                 mean steps of successes and failures (token-mean weighs a trajectory by its length)
-    grad_cos                cosine between the GRPO gradients of two random halves of the mixed groups (mean ± se
-                            over --splits splits) beside grad_cos_perm, the same with success labels permuted inside
-                            each group: a batch whose grad_cos does not stand above the control is a random walk
+    lengths                 mean steps of successes and failures
+    grad_cos                cosine between the GRPO gradients (ratio 1, the update's loss) of two independent batches,
+                            mean ± se over every pair of batches, beside grad_cos_perm, the same with the success
+                            labels permuted inside each group: a gradient that does not stand above the control is a
+                            random walk (one pair is too noisy: ±0.05-0.1)
+    explained               how much of the outcome the simulator's state explains at the policy's decisions: a small
+                            classifier on the true object positions (offsets of the named objects to their pads and to
+                            the pusher) + the decision's time, fitted on half the batches and scored on the others
+                            (2-fold), 1 - held-out log-loss / log-loss of the constant success rate, overall and per
+                            quarter of the horizon. Decisions: explained early, groups mixed, cosine above control.
+                            Luck: groups mixed, little explained until the end.
 Appends one JSON line per task to <run-dir>/rl_signal.jsonl and prints a markdown table.
 """
 
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,10 +50,10 @@ class Args:
     """rollout temperature"""
     execute: int = -1
     """actions run per chunk (-1: the checkpoint's)"""
-    groups: int = 32
-    """initial states per task (G samples each)"""
-    splits: int = 8
-    """random half-splits of the groups the cosines are averaged over"""
+    groups: int = 16
+    """initial states per batch (G samples each): GRPO's batch per task is 8"""
+    batches: int = 4
+    """independent batches per task; the cosines average over all pairs of them (4 -> 6 pairs)"""
     envs_at_once: int = 64
     """real envs stepped together"""
     seed: int = 0
@@ -52,6 +61,43 @@ class Args:
     label: str = ""
     """name of this configuration in the output"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the update's direction: signal or noise
+
+
+def policy_gradient(policy: wmpo.VLA, batch: dict, rows: torch.Tensor, adv: torch.Tensor, cfg: wmpo.GRPOConfig, device):
+    """The GRPO loss's gradient (flattened) on `rows` of a flatten_rows batch with advantages `adv` per row, at
+    ratio 1 (old log-probs = current): the direction one update would start in."""
+    o, w, t, tmask, traj = (batch[k][rows] for k in ["obs", "words", "tokens", "token_mask", "traj"])
+    loss, _ = wmpo.minibatch_loss(policy, o, w, t, None, adv[rows], tmask, traj, cfg, device)
+    grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def grad_signal(policy: wmpo.VLA, batch: dict, G: int, cfg: wmpo.GRPOConfig, device="cpu", seed: int = 0) -> dict:
+    """Is the batch's gradient signal or noise? The kept groups are split in two random halves; the cosine between
+    the halves' gradients (`grad_cos`) beside the same with each group's advantages permuted among its members
+    (`grad_cos_perm`: same group statistics, outcomes detached from behaviour). Independent noise gives ~0 for
+    both; a gradient that generalises across initial states gives grad_cos well above the control. batch needs
+    `traj` ids in group order (trajectory i in group i // G), as grpo_loop builds them. Logged by the GRPO loop every
+    iteration (`grpo/grad_cos`)."""
+    gen = torch.Generator().manual_seed(seed)
+    traj, rows_ok = batch["traj"], batch["mask"]
+    n_traj = int(traj.max()) + 1
+    adv_t = torch.zeros(n_traj).index_copy(0, traj, batch["adv"].float())  # (trajectories,)
+    kept = torch.zeros(n_traj // G, dtype=torch.bool).index_fill(0, traj[rows_ok] // G, True)
+    groups = kept.nonzero()[:, 0][torch.randperm(int(kept.sum()), generator=gen)]
+    if len(groups) < 2:
+        return {}
+    perm = torch.rand(n_traj // G, G, generator=gen).argsort(1) + torch.arange(n_traj // G)[:, None] * G
+    adv_perm = adv_t[perm.reshape(-1)][traj]  # each trajectory takes a random group-mate's advantage
+    halves = [torch.isin(traj // G, h) & rows_ok for h in groups.chunk(2)]
+    grads = {(k, i): policy_gradient(policy, batch, h.nonzero()[:, 0], a, cfg, device)
+             for k, a in [("real", batch["adv"]), ("perm", adv_perm)] for i, h in enumerate(halves)}
+    cos = {k: F.cosine_similarity(grads[(k, 0)], grads[(k, 1)], dim=0).item() for k in ["real", "perm"]}
+    return {"grpo/grad_cos": cos["real"], "grpo/grad_cos_perm": cos["perm"], "grpo/grad_signal_groups": len(groups)}
 
 
 def failure_kind(task: str, instruction: str, first: np.ndarray, last: np.ndarray) -> str:
@@ -63,14 +109,15 @@ def failure_kind(task: str, instruction: str, first: np.ndarray, last: np.ndarra
     for o, p in envs.goal_pairs(task, instruction):
         i, j = names.index(o), names.index(p)
         d = np.linalg.norm(last[i] - last[j])
-        if d < envs.SUCCESS_R:
+        r = envs.success_radius(task)
+        if d < r:
             continue
         other_pads = [np.linalg.norm(last[i] - last[k]) for k, n in enumerate(names) if n.startswith("pad_") and k != j]
         moved = {n: np.linalg.norm(last[k] - first[k]) for k, n in enumerate(names) if n.startswith("block_")}
-        nearer_pad = other_pads and min(other_pads) < min(d, 2 * envs.SUCCESS_R)
+        nearer_pad = other_pads and min(other_pads) < min(d, 2 * r)
         if nearer_pad or (o in moved and moved[o] < max(moved.values()) - 0.01):
             return "wrong target"
-        if d < 2 * envs.SUCCESS_R:
+        if d < 2 * r:
             return "near miss"
         if o in moved and moved[o] < 0.01:
             return "untouched"
@@ -79,48 +126,135 @@ def failure_kind(task: str, instruction: str, first: np.ndarray, last: np.ndarra
     return "near miss"  # every pair met at the end but never all at once
 
 
-def measure(args: Args, policy, task: str) -> dict:
+def state_features(task: str, instruction: str, pos: np.ndarray) -> np.ndarray:
+    """What the simulator knows at a frame, for the outcome classifier: (t, objects, 2) -> (t, f). The objects the
+    instruction names come first (pair by pair), then the rest, so every row means the same in every episode; the
+    features are every pairwise offset and distance between them (m)."""
+    names, _ = envs.object_layout(task)
+    named = [n for pair in envs.goal_pairs(task, instruction) for n in pair]
+    order = [names.index(n) for n in dict.fromkeys(named + names)]  # named first, no repeats
+    p = pos[:, order]
+    i, j = np.triu_indices(len(order), 1)
+    off = p[:, i] - p[:, j]  # (t, pairs, 2)
+    return np.concatenate([off.reshape(len(p), -1), np.linalg.norm(off, axis=-1)], 1)
+
+
+def fit_outcome(x: np.ndarray, y: np.ndarray, steps: int = 400, seed: int = 0):
+    """A small MLP p(success | state features) fitted by AdamW on the log-loss; returns features -> probabilities."""
+    torch.manual_seed(seed)
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                              torch.nn.GELU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net((x - mu) / sd)[:, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda q: torch.sigmoid(net((torch.as_tensor(q, dtype=torch.float32) - mu) / sd)[:, 0]).detach()
+
+
+def outcome_explained(batches: list[dict], horizon: int, E: int) -> dict:
+    """1 - held-out log-loss / constant log-loss of the outcome from the state at each decision (2-fold over
+    batches), overall and per quarter of the horizon. Decisions after a success (the env had stopped) are left out."""
+    rows = []  # per batch: (features + decision time, outcome, quarter)
+    for b in batches:
+        x, y, q = [], [], []
+        for feats, ok, finish in zip(b["features"], b["success"].tolist(), b["finish"].tolist()):
+            steps = np.arange(0, min(finish, horizon), E)  # the frames the policy chose a chunk from
+            x.append(np.concatenate([feats[steps], (steps / horizon)[:, None]], 1))
+            y.append(np.full(len(steps), float(ok)))
+            q.append(np.minimum(4 * steps // horizon, 3))
+        rows.append((np.concatenate(x), np.concatenate(y), np.concatenate(q)))
+    half = [[r for k, r in enumerate(rows) if k % 2 == f] for f in range(2)]
+    ll, ll0, quarter = [], [], []
+    for f in range(2):
+        train, test = half[1 - f], half[f]
+        xt, yt = np.concatenate([r[0] for r in train]), np.concatenate([r[1] for r in train])
+        xs, ys, qs = (np.concatenate([r[i] for r in test]) for i in range(3))
+        if yt.min() == yt.max():  # one outcome only: nothing to explain
+            return {"explained": None, "explained_by_quarter": None}
+        p = fit_outcome(xt, yt)(xs).numpy().clip(1e-4, 1 - 1e-4)
+        p0 = np.clip(yt.mean(), 1e-4, 1 - 1e-4)
+        ll.append(-(ys * np.log(p) + (1 - ys) * np.log(1 - p)))
+        ll0.append(-(ys * np.log(p0) + (1 - ys) * np.log(1 - p0)))
+        quarter.append(qs)
+    ll, ll0, quarter = np.concatenate(ll), np.concatenate(ll0), np.concatenate(quarter)
+    by_q = [float(1 - ll[quarter == k].mean() / ll0[quarter == k].mean()) if (quarter == k).any() else None
+            for k in range(4)]
+    return {"explained": float(1 - ll.mean() / ll0.mean()), "explained_by_quarter": by_q}
+
+
+def permuted_within_groups(adv: torch.Tensor, G: int, gen: torch.Generator) -> torch.Tensor:
+    """Each trajectory takes a random group-mate's advantage: the same group statistics, outcome detached from
+    behaviour."""
+    n = len(adv) // G
+    perm = torch.rand(n, G, generator=gen).argsort(1) + torch.arange(n)[:, None] * G
+    return adv[perm.reshape(-1)]
+
+
+def rollout_batch(args: Args, policy, world, task: str) -> dict:
+    """One GRPO batch of --groups initial states x G samples: rollouts, advantages, object positions, failure kinds."""
     G = args.grpo.group_size
-    per = max(1, args.envs_at_once // G)  # groups per rollout call
-    world = envs.RealChunkEnv(task, per * G)
-    world.next_seed = 8000
-    trs, kinds = [], []
+    per = world.num_envs // G  # groups per rollout call
+    trs, kinds, feats = [], [], []
     for _ in range(-(-args.groups // per)):
         trs.append(wmpo.rollout(policy, world, envs.horizon(task), per, G, args.temperature))
-        pos = np.stack(world.object_pos, 1)  # (b, frames, objects, 2)
+        pos = np.stack(world.object_pos, 1)[: len(trs[-1]["success"])]  # (b, frames, objects, 2)
         kinds += [None if s else failure_kind(task, ins, p[0], p[-1])
                   for s, ins, p in zip(trs[-1]["success"].tolist(), world.instructions, pos)]
+        feats += [state_features(task, ins, p) for ins, p in zip(world.instructions, pos)]
+    tr = {k: torch.cat([t[k] for t in trs]) for k in ["obs", "tokens", "words", "token_mask", "success", "finish"]}
+    adv, st = group_advantages(tr["success"].float(), G, return_stats=True)
+    return {**tr, "adv": adv, "stats": st, "kinds": kinds, "features": feats,
+            "rows": wmpo.flatten_rows(tr, adv, st["keep"].repeat_interleave(G))}
+
+
+def measure(args: Args, policy, task: str) -> dict:
+    G, E = args.grpo.group_size, policy.cfg.execute
+    world = envs.RealChunkEnv(task, min(args.groups, max(1, args.envs_at_once // G)) * G)
+    world.next_seed = 8000
+    batches = [rollout_batch(args, policy, world, task) for _ in range(args.batches)]
     world.close()
-    success = torch.cat([t["success"] for t in trs]).float()
-    finish = torch.cat([t["finish"] for t in trs]).float()
-    adv, st = group_advantages(success, G, return_stats=True)
-    # all rollout calls as one batch of trajectories, in group order (what grpo_loop hands grad_signal)
-    tr = {k: torch.cat([t[k] for t in trs]) for k in ["obs", "tokens", "words", "token_mask"]}
-    batch = wmpo.flatten_rows(tr, adv, st["keep"].repeat_interleave(G))
+    success = torch.cat([b["success"] for b in batches]).float()
+    finish = torch.cat([b["finish"] for b in batches]).float()
+    means = torch.cat([b["stats"]["mean"] for b in batches])
+    keep = torch.cat([b["stats"]["keep"] for b in batches])
     # the spread of the first action within a group: all G samples saw the same first frame
-    first = torch.cat([wmpo.tokens_to_action(t["tokens"][:, 0, :2], policy.cfg.bins) for t in trs])  # (b, a)
+    first = torch.cat([wmpo.tokens_to_action(b["tokens"][:, 0, :2], policy.cfg.bins) for b in batches])  # (b, a)
     spread = first.reshape(-1, G, 2).std(1).mean().item()
-    obs0 = torch.cat([t["obs"][::G, 0] for t in trs])
-    greedy, _, _ = policy.act(obs0, torch.cat([t["words"][::G] for t in trs]), 0.0)
+    obs0 = torch.cat([b["obs"][::G, 0] for b in batches])
+    greedy, _, _ = policy.act(obs0, torch.cat([b["words"][::G] for b in batches]), 0.0)
     gap = (first.reshape(-1, G, 2).mean(1) - greedy[:, 0]).abs().mean().item()
-    cos = [wmpo.grad_signal(policy, batch, G, args.grpo, seed=s) for s in range(args.splits)]
-    cos = [c for c in cos if c]
+    # each batch's update direction, with its own and with permuted labels; cosines over pairs of batches
+    gen = torch.Generator().manual_seed(args.seed)
+    grads = {"real": [], "perm": []}
+    for b in batches:
+        rows = b["rows"]["mask"].nonzero()[:, 0]
+        if len(rows) == 0:  # no mixed group: this batch has no gradient
+            continue
+        adv_perm = permuted_within_groups(b["adv"], G, gen)[b["rows"]["traj"]]
+        for k, a in [("real", b["rows"]["adv"]), ("perm", adv_perm)]:
+            grads[k].append(policy_gradient(policy, b["rows"], rows, a, args.grpo, "cpu"))
     out = {"label": args.label, "task": task, "checkpoint": args.checkpoint, "temperature": args.temperature,
-           "execute": policy.cfg.execute, "agg": args.grpo.agg, "trajectories": len(success),
-           "success": success.mean().item(), "groups_all_fail": (st["mean"] == 0).float().mean().item(),
-           "groups_all_success": (st["mean"] == 1).float().mean().item(),
-           "groups_mixed": st["keep"].float().mean().item(),
+           "execute": E, "agg": args.grpo.agg, "trajectories": len(success), "batches": args.batches,
+           "success": success.mean().item(), "groups_all_fail": (means == 0).float().mean().item(),
+           "groups_all_success": (means == 1).float().mean().item(), "groups_mixed": keep.float().mean().item(),
            "spread_first_action": spread, "greedy_gap_first_action": gap,
            "len_success": finish[success > 0].mean().item() if success.any() else None,
            "len_failure": finish[success == 0].mean().item() if (success == 0).any() else None}
-    for k in ["grpo/grad_cos", "grpo/grad_cos_perm"]:
-        v = np.array([c[k] for c in cos])
-        name = k.split("/")[1]
+    for k in ["real", "perm"]:
+        g = grads[k]
+        v = np.array([F.cosine_similarity(g[i], g[j], dim=0).item() for i in range(len(g)) for j in range(i)])
+        name = "grad_cos" if k == "real" else "grad_cos_perm"
         out[name] = float(v.mean()) if len(v) else None
         out[name + "_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
-    out["mixed_groups_per_half"] = cos[0]["grpo/grad_signal_groups"] // 2 if cos else 0
+    out["pairs"] = len(grads["real"]) * (len(grads["real"]) - 1) // 2
+    out.update(outcome_explained(batches, envs.horizon(task), E))
     # failure kinds over all failures, and in mixed groups alone (where GRPO's signal comes from)
-    mixed = st["keep"].repeat_interleave(G).tolist()
+    kinds = [k for b in batches for k in b["kinds"]]
+    mixed = keep.repeat_interleave(G).tolist()
     for name, sel in [("failures", [k for k in kinds if k]),
                       ("failures_in_mixed", [k for k, m in zip(kinds, mixed) if k and m])]:
         out[name] = {k: sel.count(k) / len(sel) for k in sorted(set(sel))} if sel else {}
@@ -136,8 +270,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     policy.train()
     print("| label | task | T | E | traj | success | fail / succ / mixed groups | spread | greedy gap | len s / f "
-          "| grad_cos | grad_cos_perm | mixed groups per half | failures (in mixed groups) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| grad_cos | grad_cos_perm | pairs | explained (by quarter) | failures (in mixed groups) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         r = measure(args, policy, task)
         with open(os.path.join(args.run_dir, "rl_signal.jsonl"), "a") as f:
@@ -145,12 +279,14 @@ def main(args: Args):
         kinds = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
         fmt = lambda v, se: "–" if v is None else f"{v:+.3f} ± {se or 0:.3f}"  # noqa: E731
         ls = "–" if r["len_success"] is None else f"{r['len_success']:.0f}"
+        expl = lambda r: "–" if r["explained"] is None else f"{r['explained']:.2f} (" + " ".join(  # noqa: E731
+            "–" if q is None else f"{q:.2f}" for q in r["explained_by_quarter"]) + ")"
         lf = "–" if r["len_failure"] is None else f"{r['len_failure']:.0f}"
         print(f"| {r['label']} | {task} | {r['temperature']:g} | {r['execute']} | {r['trajectories']} | "
               f"{r['success']:.2f} | {r['groups_all_fail']:.2f} / {r['groups_all_success']:.2f} / "
               f"{r['groups_mixed']:.2f} | {r['spread_first_action']:.3f} | {r['greedy_gap_first_action']:.3f} | "
               f"{ls} / {lf} | {fmt(r['grad_cos'], r['grad_cos_se'])} | "
-              f"{fmt(r['grad_cos_perm'], r['grad_cos_perm_se'])} | {r['mixed_groups_per_half']} | "
+              f"{fmt(r['grad_cos_perm'], r['grad_cos_perm_se'])} | {r['pairs']} | {expl(r)} | "
               f"{kinds(r['failures'])} ({kinds(r['failures_in_mixed'])}) |", flush=True)
 
 

@@ -14,7 +14,7 @@ import envs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("task", envs.TASKS)
+@pytest.mark.parametrize("task", envs.REGISTERED)
 def test_check_env(task):
     env = gym.make(task)
     check_env(env.unwrapped, skip_render_check=True)
@@ -33,7 +33,7 @@ def test_unknown_task_id_is_named():
 
 # Issue 15: every expert succeeds on >= 97% of 200 seeds from the "expert" range, which nothing else uses (measured
 # on 1,000 other seeds: Reach 100%, PushCube 98.9%, PushTwo 99.2%).
-@pytest.mark.parametrize("task", envs.TASKS)
+@pytest.mark.parametrize("task", envs.REGISTERED)
 def test_expert_success(task):
     eps = envs.collect(task, envs.expert_policy(), envs.seeds("expert", task, 200), num_envs=8)
     rate = np.mean([ep["success"][-1] for ep in eps])
@@ -51,7 +51,7 @@ def test_random_policy_rarely_succeeds():
     assert np.mean([ep["success"][-1] for ep in eps]) < 0.2
 
 
-@pytest.mark.parametrize("task", envs.TASKS)
+@pytest.mark.parametrize("task", envs.REGISTERED)
 def test_determinism(task):
     actions = np.random.default_rng(0).uniform(-1, 1, (15, 2))
     runs = []
@@ -177,10 +177,11 @@ def test_no_segfault_renderer_then_optimizer(order):
 # -- perturbed variants (evaluation only) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", envs.TASKS)
+@pytest.mark.parametrize("task", envs.REGISTERED)
 def test_variants_register_and_pass_check_env(task):
+    version = task.split("-")[-1]
     for shift in envs.SHIFTS:
-        env = gym.make(task.replace("-v0", f"-{shift}-v0"))
+        env = gym.make(task.replace(f"-{version}", f"-{shift}-{version}"))
         check_env(env.unwrapped, skip_render_check=True)
         env.close()
     assert not set(envs.VARIANTS) & set(envs.TASKS)  # variants are never part of the training task list
@@ -222,3 +223,56 @@ def test_goal_distance_follows_the_instruction():
     got = envs.goal_distance("wmpo/PushTwo-v0", u.instruction, info["object_pos"][None])
     env.close()
     np.testing.assert_allclose(got, [want], rtol=1e-5)
+
+
+# -- v1 tasks (issue 33): the same scenes, failures made of decisions ------------------------------------------------
+
+
+def test_v1_success_is_the_block_centre_over_its_pad():
+    # a block 4 cm from its pad's centre is over the pad (radius 4.5 cm): success on v1, not under v0's 3 cm rule
+    for task, ok in [("wmpo/PushCube-v0", False), ("wmpo/PushCube-v1", True)]:
+        env = envs.make(task)
+        env.reset(seed=5)
+        u = env.unwrapped
+        pad = u.pad(getattr(u, "target_pad", "green"))
+        u.data.qpos[u.block_qpos[u.target]] = pad + np.array([0.04, 0.0])
+        assert bool(u.success()) == ok, task
+        u.data.qpos[u.block_qpos[u.target]] = pad + np.array([0.05, 0.0])  # off the pad: never
+        assert not u.success()
+        env.close()
+    assert envs.success_radius("wmpo/PushTwo-v1") == envs.PAD_R and envs.success_radius("wmpo/Reach-v1") == envs.SUCCESS_R
+
+
+def test_v1_instruction_chooses_among_more_objects():
+    env = envs.make("wmpo/PushCube-v1")
+    pairs = set()
+    for seed in range(60):
+        _, info = env.reset(seed=seed)
+        u = env.unwrapped
+        assert f"{u.target} " in u.instruction and f"{u.target_pad} " in u.instruction
+        assert envs.goal_pairs("wmpo/PushCube-v1", u.instruction) == [(f"block_{u.target}", f"pad_{u.target_pad}")]
+        pairs.add((u.target, u.target_pad))
+        p = info["object_pos"]
+        assert np.linalg.norm(p[1] - p[2]) >= 0.09 and np.linalg.norm(p[3] - p[4]) >= 0.12  # blocks, pads apart
+    assert len(pairs) == 4  # both blocks onto both pads
+    env.close()
+    env = envs.make("wmpo/Reach-v1")
+    targets = {env.reset(seed=s)[0] is not None and env.unwrapped.target for s in range(40)}
+    assert targets == {"red", "green", "blue", "yellow"}
+    env.close()
+
+
+def test_v0_seeds_and_layouts_unchanged_by_v1():
+    # v1 registers after v0: v0's seed ranges stay where they were (the experiment record's runs used them)
+    assert envs.seeds("val", "wmpo/PushTwo-v0", 2) == [620_000, 620_001]
+    assert envs.seeds("val", "wmpo/Reach-v1", 1) == [630_000]
+    assert envs.base_task("wmpo/PushCube-Texture-v1") == "wmpo/PushCube-v1"
+    # Reach-v0's layout as the three-pad sampler drew it before Reach took any number of pads
+    rng = np.random.default_rng(11)
+    pts = envs.sample_points(rng, 4, 0.19, [[0], [0.12, 0], [0.12, 0.12, 0], [0.12, 0.12, 0.12, 0]])
+    target = ["red", "green", "blue"][rng.integers(3)]
+    env = envs.make("wmpo/Reach-v0")
+    _, info = env.reset(seed=11)
+    np.testing.assert_allclose(info["object_pos"], pts, atol=1e-6)
+    assert env.unwrapped.target == target
+    env.close()

@@ -13,6 +13,7 @@ import torch
 import kernels.grpo
 import wmpo
 from kernels.grpo import group_advantages
+from scripts.rl_signal import grad_signal  # the GRPO loop's diagnostic
 
 COLOURS = ["red", "blue", "green", "yellow"]
 TARGETS = torch.tensor([-0.6, -0.2, 0.2, 0.6])  # x of the first action that pays, per colour
@@ -83,6 +84,6 @@ def test_grad_signal_is_one_for_identical_halves_and_lower_for_permuted_labels()
     groups = 16
     batch = {k: v.repeat(groups, *[1] * (v.ndim - 1)) for k, v in one.items()}
     batch["traj"] = torch.arange(len(batch["adv"]))
-    out = wmpo.grad_signal(policy, batch, G, wmpo.GRPOConfig(temperature=1.0), seed=0)
+    out = grad_signal(policy, batch, G, wmpo.GRPOConfig(temperature=1.0), seed=0)
     assert out["grpo/grad_signal_groups"] == groups
     assert abs(out["grpo/grad_cos"] - 1) < 1e-4 and out["grpo/grad_cos_perm"] < 0.9, out

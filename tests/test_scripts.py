@@ -346,6 +346,35 @@ def test_results_training_curves_put_lifelong_rounds_one_after_another(tmp_path)
     assert results.training_curves(str(tmp_path), "policy_wmpo_other") == ([(1, 0.3)], [(0, 0.4)], [0])
 
 
+def test_results_oracle_curve_blocks_and_val_checks(tmp_path):
+    """Issue 33: a long grpo-real run's learning curve: rollout success per block of iterations (written-out means
+    here) and every val check against the real trajectories spent by then, the base at step -1."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import results
+
+    rng = np.random.default_rng(0)
+    succ = rng.random((5, 2))  # 5 iterations x 2 tasks
+    rows = [{"step": -1, "val/real_success": 0.3, "val/real_success/wmpo/A-v1": 0.2, "val/real_success/wmpo/B-v1": 0.4}]
+    for it in range(5):
+        rows.append({"step": it, "grpo/real_success": succ[it].mean(), "wmpo/success/wmpo/A-v1": succ[it, 0],
+                     "wmpo/success/wmpo/B-v1": succ[it, 1], "real_trajectories": 32 * (it + 1), "grpo/entropy": 1.0})
+        if it == 3:
+            rows[-1].update({"val/real_success": 0.5, "val/real_success/wmpo/A-v1": 0.6, "val/real_success/wmpo/B-v1": 0.4})
+    blocks, vals = results.oracle_curve(rows, block=2)
+    assert [b["iterations"] for b in blocks] == [(0, 1), (2, 3), (4, 4)]
+    assert [b["real_trajectories"] for b in blocks] == [64, 128, 160]
+    np.testing.assert_allclose([b["success"] for b in blocks], [succ[:2].mean(), succ[2:4].mean(), succ[4].mean()])
+    np.testing.assert_allclose([b["wmpo/A-v1"] for b in blocks], [succ[:2, 0].mean(), succ[2:4, 0].mean(), succ[4, 0]])
+    assert blocks[0]["grad_cos"] is None
+    assert vals == [{"step": -1, "real_trajectories": 0, "mean": 0.3, "wmpo/A-v1": 0.2, "wmpo/B-v1": 0.4},
+                    {"step": 3, "real_trajectories": 128, "mean": 0.5, "wmpo/A-v1": 0.6, "wmpo/B-v1": 0.4}]
+    with open(tmp_path / "grpo_real_oracle.metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = str(tmp_path / "docs" / "oracle")
+    results.main(results.Args(runs=(str(tmp_path),), out=out, oracle="grpo_real_oracle", block=2))
+    assert os.path.getsize(out + ".png") > 0 and "| 2–3 | 128 |" in open(out + ".md").read()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
     # the same scripts under torchrun (gloo on CPU): rank 0 alone writes files, the run ends cleanly on both ranks
@@ -427,14 +456,49 @@ def test_failure_kinds_from_object_positions():
     assert rl.failure_kind("wmpo/PushCube-v0", ins, first, last) == "wrong target"
 
 
+def load_rl_signal():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_signal", os.path.join(ROOT, "scripts", "rl_signal.py"))
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    return rl
+
+
+def test_outcome_explained_tells_decisions_from_luck():
+    # decided: the outcome is the sign of a state feature present from the first decision on; luck: a coin flip
+    # independent of the state. The held-out score must be high for the first at every quarter and ~0 for the second.
+    rl = load_rl_signal()
+    rng = np.random.default_rng(0)
+
+    def batches(decided):
+        out = []
+        for _ in range(4):
+            x = rng.normal(size=(48, 21, 3))
+            x[:, :, 0] = x[:, :1, 0]  # the deciding feature persists along the episode
+            ok = x[:, 0, 0] > 0 if decided else rng.random(48) < 0.5
+            out.append({"features": list(x), "success": torch.tensor(ok), "finish": torch.full((48,), 20)})
+        return out
+
+    d, luck = rl.outcome_explained(batches(True), 20, 2), rl.outcome_explained(batches(False), 20, 2)
+    assert d["explained"] > 0.6 and min(d["explained_by_quarter"]) > 0.5, d
+    assert luck["explained"] < 0.1, luck
+    # features: the named block's offset to the named pad comes first, whatever the objects' order in object_pos
+    names, _ = envs.object_layout("wmpo/PushCube-v1")
+    pos = np.random.default_rng(1).normal(size=(3, len(names), 2))
+    f = rl.state_features("wmpo/PushCube-v1", "push the blue block onto the yellow pad", pos)
+    np.testing.assert_allclose(f[:, :2], pos[:, names.index("block_blue")] - pos[:, names.index("pad_yellow")])
+
+
 @pytest.mark.slow
 def test_rl_signal_reports_census_and_cosines(run_dir):
     run("scripts/rl_signal.py", "--run-dir", run_dir, "--tasks", "wmpo/Reach-v0", "wmpo/PushCube-v0", "--groups", "2",
-        "--splits", "2", "--envs-at-once", "4", "--grpo.group-size", "2", "--temperature", "1.0")
+        "--batches", "2", "--envs-at-once", "4", "--grpo.group-size", "2", "--temperature", "1.0")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "rl_signal.jsonl"))]
     assert [r["task"] for r in rows] == ["wmpo/Reach-v0", "wmpo/PushCube-v0"]
     for r in rows:
-        assert r["trajectories"] == 4
+        assert r["trajectories"] == 8 and r["batches"] == 2
+        assert r["pairs"] <= 1 and (r["explained"] is None or r["explained"] <= 1)
         assert abs(r["groups_all_fail"] + r["groups_all_success"] + r["groups_mixed"] - 1) < 1e-6
         n_fail = round((1 - r["success"]) * 4)
         assert abs(sum(r["failures"].values()) - (1 if n_fail else 0)) < 1e-6
