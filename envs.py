@@ -10,6 +10,9 @@ Three tasks of graded difficulty, all on one 0.5 m x 0.5 m table seen from above
     wmpo/Reach-v0     easy     move the white pusher onto the named one of three coloured pads
     wmpo/PushCube-v0  medium   push the named one of two blocks (red, blue) onto the green pad
     wmpo/PushTwo-v0   multi    push one named block onto its pad, then the other block onto the other pad
+and their v1 versions (envs.TASKS_V1, not yet the default): Reach-v1 has four pads, PushCube-v1 two blocks and two
+pads (the instruction names both), and on the v1 pushing tasks a block is on its pad when its centre is over it
+(4.5 cm, not 3 cm) with more time to retry (60 / 100 steps).
 The pusher is a disc on planar slide joints; an action in [-1, 1]^2 moves its set-point by up to 4 cm per 0.1 s
 step (10 Hz control). Blocks slide on the table (no yaw: fewer degrees of freedom for the world model to learn).
 The image alone never says what to do: the instruction names the target, and colours are the only cue.
@@ -699,6 +702,36 @@ def expert_policy(noise: float = 0.0, seed: int = 0, dart: bool = False):
         return (a[:, None], clean[:, None]) if dart else a[:, None]  # (n, 1, 2)
 
     return policy
+
+
+def collect_takeovers(task: str, act, seeds: list[int], noise: float = 0.3, seed: int = 0) -> list[dict]:
+    """Recovery demonstrations: `act` (the base policy) runs one episode per seed; in each failed one the expert takes
+    over at a random step k (leaving at least a third of the horizon), after the env replayed the base's own actions
+    up to k (the simulator is deterministic), and acts with DART noise, labelled with its clean action. Only the
+    part from k on is kept: demonstrations that start in the states the base itself gets lost in."""
+    rng = np.random.default_rng(seed)
+    H = horizon(task)
+    switch = {}  # seed -> (the base's actions before the takeover, k)
+    for ep in collect(task, act, seeds, desc=f"base rollouts {task}"):
+        if not ep["success"][-1]:
+            k = int(rng.integers(1, max(2, H - H // 3)))
+            switch[ep["seed"]] = (ep["actions"][:k], k)
+    expert = expert_policy(noise, seed=seed, dart=True)
+
+    def takeover(obs, instructions, venv):
+        a, clean = expert(obs, instructions, venv)
+        for i, (t, s) in enumerate(zip(venv.get_attr("t"), venv.get_attr("np_random_seed"))):
+            replay, k = switch.get(s, (None, 0))
+            if t < k:
+                a[i, 0] = replay[t]
+        return a, clean
+
+    out = []
+    for ep in collect(task, takeover, list(switch), desc=f"takeovers {task}"):
+        k = switch[ep["seed"]][1]
+        out.append({**{f: ep[f][k:] for f in ["frames", "actions", "labels", "success", "object_pos"]},
+                    **{f: ep[f] for f in ["task", "instruction", "seed"]}})
+    return out
 
 
 def make_env(task: str, **kwargs) -> gym.Env:

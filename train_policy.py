@@ -49,6 +49,11 @@ class SFTArgs:
     """expert demonstrations per task, in --tasks order (empty: the preset's budget)"""
     dart_noise: float = 0.3
     """DART: demos execute the expert's action plus this Gaussian noise, labelled with the clean action"""
+    recovery_from: str = ""
+    """a policy checkpoint (path) whose failed rollouts at T = 0.5 the expert takes over: recovery demos added to
+    the demos (envs.collect_takeovers; empty: none)"""
+    recovery: tuple[int, ...] = ()
+    """rollouts of --recovery-from per task, in --tasks order (its failures become recovery demos)"""
     # optim
     num_steps: int = -1
     """optimizer steps (-1: the preset's)"""
@@ -100,6 +105,16 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
         eps = envs.collect_cached(path, task, expert, envs.seeds("demos", task, n), f"demos {task}", policy="expert",
                                   dart_noise=args.dart_noise)
         print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
+        episodes += eps
+    for task, n in zip(args.tasks, args.recovery if args.recovery_from else ()):
+        path = os.path.join(data_dir, f"recovery-{envs.task_name(task)}-{n}-dart{args.dart_noise:g}.safetensors")
+        if not os.path.exists(path):  # base rollouts from seeds the demos never use (5,000 on)
+            act = wmpo.policy_fn(wmpo.load(args.recovery_from, expect="VLA"), 0.5)
+            eps = envs.collect_takeovers(task, act, envs.seeds("demos", task, n, start=5000), args.dart_noise,
+                                         args.seed)
+            envs.save_episodes(path, eps, policy="takeover", recovery_from=args.recovery_from)
+        eps = envs.load_episodes(path)
+        print(f"{task}: {len(eps)} recovery demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
         episodes += eps
     return episodes
 

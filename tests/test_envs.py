@@ -276,3 +276,25 @@ def test_v0_seeds_and_layouts_unchanged_by_v1():
     np.testing.assert_allclose(info["object_pos"], pts, atol=1e-6)
     assert env.unwrapped.target == target
     env.close()
+
+
+def test_takeovers_start_where_the_base_got_lost():
+    # a base that drifts right then up fails every episode; the expert takes over at step k of its replay, and each
+    # recovery demo's first frame is the simulator's frame after those k base actions
+    drift = lambda o, i, v: np.tile([[[0.6, 0.3]]], (len(o), 1, 1)).astype(np.float32)  # noqa: E731
+    task, seeds = "wmpo/PushCube-v1", envs.seeds("demos", "wmpo/PushCube-v1", 4, start=5000)
+    eps = envs.collect_takeovers(task, drift, seeds, noise=0.3, seed=0)
+    assert sorted(ep["seed"] for ep in eps) == seeds
+    for ep in eps:
+        env = envs.make(task)
+        env.reset(seed=ep["seed"])
+        k = envs.horizon(task) + 1 - len(ep["frames"]) if not ep["success"][-1] else None
+        frame = env.render()
+        for t in range(60):  # find k: the replayed frame that matches the demo's first frame
+            if np.array_equal(frame, ep["frames"][0]):
+                break
+            frame = env.step([0.6, 0.3])[0]
+        assert np.array_equal(frame, ep["frames"][0]) and t >= 1 and (k is None or k == t)
+        assert np.isfinite(ep["labels"]).all() and len(ep["labels"]) == len(ep["frames"])
+        env.close()
+    assert np.mean([ep["success"][-1] for ep in eps]) >= 0.75  # the expert recovers from where the base went

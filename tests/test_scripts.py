@@ -480,14 +480,17 @@ def test_outcome_explained_tells_decisions_from_luck():
             out.append({"features": list(x), "success": torch.tensor(ok), "finish": torch.full((48,), 20)})
         return out
 
-    d, luck = rl.outcome_explained(batches(True), 20, 2), rl.outcome_explained(batches(False), 20, 2)
+    d, luck = rl.outcome_explained(batches(True), 20, 2, 8), rl.outcome_explained(batches(False), 20, 2, 8)
     assert d["explained"] > 0.6 and min(d["explained_by_quarter"]) > 0.5, d
     assert luck["explained"] < 0.1, luck
-    # features: the named block's offset to the named pad comes first, whatever the objects' order in object_pos
+    # features: the named block's distance to the named pad, to the other pad, and the pusher's to the block
     names, _ = envs.object_layout("wmpo/PushCube-v1")
     pos = np.random.default_rng(1).normal(size=(3, len(names), 2))
     f = rl.state_features("wmpo/PushCube-v1", "push the blue block onto the yellow pad", pos)
-    np.testing.assert_allclose(f[:, :2], pos[:, names.index("block_blue")] - pos[:, names.index("pad_yellow")])
+    at = lambda n: pos[:, names.index(n)]  # noqa: E731
+    want = [np.linalg.norm(at(a) - at(b), axis=-1) for a, b in
+            [("block_blue", "pad_yellow"), ("block_blue", "pad_green"), ("pusher", "block_blue")]]
+    np.testing.assert_allclose(f, np.stack(want, 1), rtol=1e-6)
 
 
 @pytest.mark.slow
