@@ -568,21 +568,22 @@ def make(task: str, **kwargs) -> gym.Env:
 
 
 @functools.lru_cache(maxsize=None)
-def horizon(task: str) -> int:
-    """The task's episode length in actions (an unknown id fails here, before any work)."""
+def task_attr(task: str, name: str):
+    """An attribute of a task's env (built once per task and closed; an unknown id fails here, before any work)."""
     env = make(task)
-    out = env.unwrapped.horizon
+    out = getattr(env.unwrapped, name)
     env.close()
     return out
 
 
-@functools.lru_cache(maxsize=None)
+def horizon(task: str) -> int:
+    """The task's episode length in actions."""
+    return task_attr(task, "horizon")
+
+
 def success_radius(task: str) -> float:
     """How near its pad's centre an object counts as on it (m): SUCCESS_R on v0, the pad's radius on v1."""
-    env = make(task)
-    out = env.unwrapped.success_r
-    env.close()
-    return out
+    return task_attr(task, "success_r")
 
 
 # ----------------------------------------------------------------------------------------------------------
