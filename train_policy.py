@@ -7,6 +7,7 @@
 All three read and write one run folder (--run-dir, default runs/demo); see ../shared/INTERFACE.md.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -106,12 +107,16 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
                                   dart_noise=args.dart_noise)
         print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
         episodes += eps
+    src = hashlib.sha1(os.path.abspath(args.recovery_from).encode()).hexdigest()[:8]  # which policy failed
     for task, n in zip(args.tasks, args.recovery if args.recovery_from else ()):
-        path = os.path.join(data_dir, f"recovery-{envs.task_name(task)}-{n}-dart{args.dart_noise:g}.safetensors")
+        path = os.path.join(data_dir, f"recovery-{envs.task_name(task)}-{n}-{src}-dart{args.dart_noise:g}.safetensors")
         if not os.path.exists(path):  # base rollouts from seeds the demos never use (5,000 on)
             act = wmpo.policy_fn(wmpo.load(args.recovery_from, expect="VLA"), 0.5)
             eps = envs.collect_takeovers(task, act, envs.seeds("demos", task, n, start=5000), args.dart_noise,
                                          args.seed)
+            if not eps:
+                print(f"{task}: no failed rollouts of {args.recovery_from} to recover from")
+                continue
             envs.save_episodes(path, eps, policy="takeover", recovery_from=args.recovery_from)
         eps = envs.load_episodes(path)
         print(f"{task}: {len(eps)} recovery demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
@@ -126,6 +131,10 @@ def sft(args: SFTArgs):
     num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
     if len(budgets) != len(args.tasks):
         raise SystemExit(f"error: --demos needs one number per task ({len(args.tasks)}), got {len(budgets)}")
+    if args.recovery_from and len(args.recovery) != len(args.tasks):
+        raise SystemExit(f"error: --recovery needs one number per task ({len(args.tasks)}), got {len(args.recovery)}")
+    if args.recovery_from:
+        wmpo.require(args.recovery_from, "python train_policy.py sft --run-dir <another run folder>")
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
     rank, world = wmpo.dist_init()
     if args.batch_size % world:
@@ -227,7 +236,8 @@ class WMPOArgs:
     execute: int = -1
     """actions run per chunk before the policy looks again (-1: the checkpoint's; the trained policy keeps it)"""
     grad_signal_every: int = 1
-    """log grad_signal (scripts/rl_signal.py: the update's signal vs a permuted-label control) every this many iterations (0: never)"""
+    """log grad_signal (scripts/rl_signal.py: the update's signal vs a permuted-label control) every this many
+    iterations (0: never)"""
     grpo: wmpo.GRPOConfig = field(default_factory=wmpo.GRPOConfig)
 
 

@@ -34,9 +34,10 @@ class Args:
     checkpoints: tuple[str, ...] = ("policy_sft", "policy_grpo_real", "policy_wmpo")
     """columns of the headline table, in order (with their @T0.5 / @T1 variants when evaluated)"""
     oracle: str = ""
-    """instead of the headline: the learning curve of a long grpo-real run (the oracle) from <run>/<oracle>.metrics.jsonl
-    (e.g. grpo_real_oracle) -> <out>.md and <out>.png: rollout success per block of iterations and `val` success at
-    its checks, against real trajectories, beside the base (the first `val` check) and the base + 20 gate"""
+    """instead of the headline: the learning curve of a long grpo-real run (the oracle) from
+    <run>/<oracle>.metrics.jsonl (e.g. grpo_real_oracle) -> <out>.md and <out>.png: rollout success per block of
+    iterations and `val` success at its checks, against real trajectories, beside the base (the first `val` check)
+    and the base + 20 gate"""
     block: int = 20
     """iterations per block of the oracle curve"""
 
@@ -263,7 +264,8 @@ def oracle_curve(rows: list[dict], block: int) -> tuple[list[dict], list[dict]]:
     its end, rollout success (mean over tasks, and per task), mean per-token entropy, gradient cosine vs its
     permuted control. A val check: real trajectories spent, `val` success (mean and per task); the base is step -1."""
     it_rows = [r for r in rows if "grpo/real_success" in r]
-    tasks = sorted(k.removeprefix("wmpo/success/") for k in (it_rows[0] if it_rows else {}) if k.startswith("wmpo/success/"))
+    first = it_rows[0] if it_rows else {}
+    tasks = sorted(k.removeprefix("wmpo/success/") for k in first if k.startswith("wmpo/success/"))
     blocks = []
     for i in range(0, len(it_rows), block):
         b = it_rows[i : i + block]

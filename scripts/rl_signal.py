@@ -154,8 +154,11 @@ def fit_outcome(x: list[np.ndarray], y: list[np.ndarray], group: list[int], step
     torch.manual_seed(seed)
     ids = sorted(set(group))
     held = {ids[i] for i in torch.randperm(len(ids), generator=gen)[: max(1, len(ids) // 4)].tolist()}
-    cat = lambda val, a: torch.as_tensor(np.concatenate([a[i] for i, g in enumerate(group) if (g in held) == val]),  # noqa: E731
-                                         dtype=torch.float32)
+
+    def cat(val, a):  # the held-out (val=True) or fitting episodes' rows
+        return torch.as_tensor(np.concatenate([a[i] for i, g in enumerate(group) if (g in held) == val]),
+                               dtype=torch.float32)
+
     xt, yt, xv, yv = cat(False, x), cat(False, y), cat(True, x), cat(True, y)
     mu, sd = xt.mean(0), xt.std(0) + 1e-6
     net = torch.nn.Sequential(torch.nn.Linear(xt.shape[1], 64), torch.nn.GELU(), torch.nn.Linear(64, 64),

@@ -240,7 +240,8 @@ def test_v1_success_is_the_block_centre_over_its_pad():
         u.data.qpos[u.block_qpos[u.target]] = pad + np.array([0.05, 0.0])  # off the pad: never
         assert not u.success()
         env.close()
-    assert envs.success_radius("wmpo/PushTwo-v1") == envs.PAD_R and envs.success_radius("wmpo/Reach-v1") == envs.SUCCESS_R
+    assert envs.success_radius("wmpo/PushTwo-v1") == envs.PAD_R
+    assert envs.success_radius("wmpo/Reach-v1") == envs.SUCCESS_R
 
 
 def test_v1_instruction_chooses_among_more_objects():
