@@ -130,8 +130,8 @@ def state_features(task: str, instruction: str, pos: np.ndarray) -> np.ndarray:
     """What the simulator knows at each frame, for the outcome classifier: (t, objects, 2) -> (t, f). Per goal pair
     (object o, pad p) the instruction names: |o - p| (progress), the distance from o to the nearest other pad (a
     wrong target) and, when o is a block, |pusher - o| (in contact or not). Distances, not coordinates: with ~30
-    layouts per fold a classifier on raw offsets memorises layouts (held-out log-loss 0.6-2x worse than a constant
-    on the v1 base) where one on these explains 10-30%."""
+    layouts per fold a classifier on raw offsets memorised them (held-out log-loss worse than a constant's on the v1
+    base) where one on these explains 10-40% (docs/experiments.md, 2026-12-05)."""
     names, _ = envs.object_layout(task)
     d = lambda a, b: np.linalg.norm(pos[:, names.index(a)] - pos[:, names.index(b)], axis=-1)  # noqa: E731
     cols = []
