@@ -14,11 +14,11 @@ Per task, rolls out --batches independent batches of --groups initial states x G
                             labels permuted inside each group: a gradient that does not stand above the control is a
                             random walk (one pair is too noisy: ±0.05-0.1)
     explained               how much of the outcome the simulator's state explains at the policy's decisions: a small
-                            classifier on the true object positions (offsets of the named objects to their pads and to
-                            the pusher) + the decision's time, fitted on half the batches and scored on the others
-                            (2-fold), 1 - held-out log-loss / log-loss of the constant success rate, overall and per
-                            quarter of the horizon. Decisions: explained early, groups mixed, cosine above control.
-                            Luck: groups mixed, little explained until the end.
+                            classifier on distances from the true object positions (named object to its pad, to the
+                            nearest other pad, pusher to the block) + the decision's time, fitted on half the batches
+                            and scored on the others (2-fold), 1 - held-out log-loss / log-loss of the constant
+                            success rate, overall and per quarter of the horizon. Decisions: explained early, groups
+                            mixed, cosine above control. Luck: groups mixed, little explained until the end.
 Appends one JSON line per task to <run-dir>/rl_signal.jsonl and prints a markdown table.
 """
 
@@ -76,6 +76,14 @@ def policy_gradient(policy: wmpo.VLA, batch: dict, rows: torch.Tensor, adv: torc
     return torch.cat([g.flatten() for g in grads if g is not None])
 
 
+def permuted_within_groups(adv: torch.Tensor, G: int, gen: torch.Generator) -> torch.Tensor:
+    """Each trajectory takes a random group-mate's advantage: the same group statistics, outcome detached from
+    behaviour."""
+    n = len(adv) // G
+    perm = torch.rand(n, G, generator=gen).argsort(1) + torch.arange(n)[:, None] * G
+    return adv[perm.reshape(-1)]
+
+
 def grad_signal(policy: wmpo.VLA, batch: dict, G: int, cfg: wmpo.GRPOConfig, device="cpu", seed: int = 0) -> dict:
     """Is the batch's gradient signal or noise? The kept groups are split in two random halves; the cosine between
     the halves' gradients (`grad_cos`) beside the same with each group's advantages permuted among its members
@@ -91,8 +99,7 @@ def grad_signal(policy: wmpo.VLA, batch: dict, G: int, cfg: wmpo.GRPOConfig, dev
     groups = kept.nonzero()[:, 0][torch.randperm(int(kept.sum()), generator=gen)]
     if len(groups) < 2:
         return {}
-    perm = torch.rand(n_traj // G, G, generator=gen).argsort(1) + torch.arange(n_traj // G)[:, None] * G
-    adv_perm = adv_t[perm.reshape(-1)][traj]  # each trajectory takes a random group-mate's advantage
+    adv_perm = permuted_within_groups(adv_t, G, gen)[traj]  # per row
     halves = [torch.isin(traj // G, h) & rows_ok for h in groups.chunk(2)]
     grads = {(k, i): policy_gradient(policy, batch, h.nonzero()[:, 0], a, cfg, device)
              for k, a in [("real", batch["adv"]), ("perm", adv_perm)] for i, h in enumerate(halves)}
@@ -106,10 +113,10 @@ def failure_kind(task: str, instruction: str, first: np.ndarray, last: np.ndarra
     block moved more than the named one), near miss (within 2 success radii), untouched (the named block moved
     < 1 cm), halfway (ends nearer than half its starting distance to the pad) or off course."""
     names, _ = envs.object_layout(task)
+    r = envs.success_radius(task)
     for o, p in envs.goal_pairs(task, instruction):
         i, j = names.index(o), names.index(p)
         d = np.linalg.norm(last[i] - last[j])
-        r = envs.success_radius(task)
         if d < r:
             continue
         other_pads = [np.linalg.norm(last[i] - last[k]) for k, n in enumerate(names) if n.startswith("pad_") and k != j]
@@ -209,14 +216,6 @@ def outcome_explained(batches: list[dict], horizon: int, E: int, G: int) -> dict
     by_q = [float(1 - ll[quarter == k].mean() / ll0[quarter == k].mean()) if (quarter == k).any() else None
             for k in range(4)]
     return {"explained": float(1 - ll.mean() / ll0.mean()), "explained_by_quarter": by_q}
-
-
-def permuted_within_groups(adv: torch.Tensor, G: int, gen: torch.Generator) -> torch.Tensor:
-    """Each trajectory takes a random group-mate's advantage: the same group statistics, outcome detached from
-    behaviour."""
-    n = len(adv) // G
-    perm = torch.rand(n, G, generator=gen).argsort(1) + torch.arange(n)[:, None] * G
-    return adv[perm.reshape(-1)]
 
 
 def rollout_batch(args: Args, policy, world, task: str) -> dict:
