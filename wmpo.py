@@ -1017,16 +1017,21 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
     logs = {k: [] for k in ["grpo/loss", "grpo/clipfrac", "grpo/approx_kl", "grpo/entropy", "grpo/grad_norm"]}
     n_traj = int(traj.max()) + 1 if len(traj) else 0
     for _ in range(cfg.epochs):
-        # mini-batches of whole trajectories: traj-mean then sees each trajectory's every token in one loss
-        for mb_traj in torch.randperm(n_traj).chunk(cfg.minibatches):
+        # mini-batches of whole trajectories: traj-mean then sees each trajectory's every token in one loss. Exactly
+        # `minibatches` of them on every rank, empty ones too (torch.chunk gives fewer when trajectories are few):
+        # under torchrun each step all-reduces every gradient, and ranks keep different numbers of trajectories
+        for mb_traj in torch.randperm(n_traj).tensor_split(cfg.minibatches):
             mb = torch.isin(traj, mb_traj).nonzero()[:, 0]
-            loss, m = minibatch_loss(policy, obs[mb], words[mb], tokens[mb], old[mb], adv[mb], tmask[mb], traj[mb],
-                                     cfg, device)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(mb):
+                loss, m = minibatch_loss(policy, obs[mb], words[mb], tokens[mb], old[mb], adv[mb], tmask[mb],
+                                         traj[mb], cfg, device)
+                loss.backward()
             mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             opt.step()
+            if not len(mb):
+                continue
             for k, v in [("loss", loss), ("clipfrac", m["clipfrac"]), ("approx_kl", m["approx_kl"]),
                          ("grad_norm", grad_norm)]:
                 logs[f"grpo/{k}"].append(v.item())
@@ -1271,10 +1276,11 @@ def mean_grads(model: nn.Module) -> None:
     """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
     if not distributed():
         return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+    for p in model.parameters():  # every parameter on every rank: the ranks' all-reduce calls must pair up
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
 def require(path: str, command: str) -> str:

@@ -63,6 +63,42 @@ def test_two_process_ddp_equals_one_process(demo_dir, tmp_path):
     assert len(losses(two)) == 4  # only rank 0 writes metrics
 
 
+# Each rank of a torchrun GRPO update keeps its own groups, so ranks hold different numbers of trajectories. Every
+# rank must still take the same optimizer steps (each one all-reduces every gradient): when one rank took fewer, the
+# gloo collectives of the two ranks went out of step and a child aborted (SIGABRT) in about one test run in four.
+RANK_UPDATE = """
+import os, sys, torch, wmpo
+rank, world = wmpo.dist_init()
+torch.manual_seed(0)
+pol = wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64))
+n = 2 if rank == 0 else 6  # trajectories this rank kept: 2 and 6 split into 2 and 3 mini-batches of torch.chunk
+g = torch.Generator().manual_seed(rank)
+f = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)
+w = wmpo.tokenize(["go to the red pad"] * n, wmpo.VOCAB)
+_, tokens, _ = pol.act(f, w, 1.0)
+batch = {"obs": f, "words": w, "tokens": tokens, "adv": torch.randn(n, generator=g), "mask": torch.ones(n, dtype=bool),
+         "token_mask": torch.ones(n, 16, dtype=torch.bool)}
+opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
+wmpo.grpo_update(pol, opt, batch, wmpo.GRPOConfig(minibatches=4, epochs=2))
+torch.save(torch.cat([p.detach().flatten() for p in pol.parameters()]), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+wmpo.barrier()
+"""
+
+
+def test_ranks_with_different_trajectory_counts_update_in_step(tmp_path):
+    script = tmp_path / "rank_update.py"
+    script.write_text(RANK_UPDATE)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29555")
+    env = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    out = subprocess.run([*torchrun, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import torch
+
+    # one model on both ranks: the same averaged gradient at every step
+    torch.testing.assert_close(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_reaches_the_same_end(demo_dir, tmp_path):
     ref, killed = fresh(demo_dir, tmp_path, "ref"), fresh(demo_dir, tmp_path, "killed")
