@@ -107,11 +107,6 @@ class PolicyConfig:
     execute: int = 2
     """actions of each chunk run before the policy looks again (<= chunk; eval, rollouts and GRPO all use it); 2 vs 8:
     +11 / +6 / +1 points of base-policy success on Reach / PushCube / PushTwo (issue 15)"""
-    sampling: str = "token"
-    """how a chunk is sampled at T > 0 (eval, rollouts, GRPO): "token", each of its k*a tokens on its own (jitter
-    varies, decisions rarely); "chunk", one uniform draw per action dimension for the whole chunk, mapped through
-    each token's CDF (the chunk moves as one: consistently more left, or more right). Its exact probability is the
-    measure of draws consistent with every executed token (chunk_logprob)"""
 
 
 class FiLM(nn.Module):
@@ -205,19 +200,13 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def act(self, frames: torch.Tensor, words: torch.Tensor, temperature: float = 0.0):
-        """Sample (temperature > 0; per token or per chunk, PolicyConfig.sampling) or take each token's argmax (0).
+        """Sample (temperature > 0) or take the argmax (0) of every token.
 
         Returns (actions (b, k, a) in [-1, 1], tokens (b, k*a), logp (b,)): logp is the exact log-probability of
         the chosen tokens under the distribution they were drawn from (softmax(logits / temperature); T=1 for
-        greedy), the sum over the chunk's K*A tokens (paper eq. 3), or over its A draws for "chunk".
+        greedy), the sum over the chunk's K*A tokens (paper eq. 3).
         """
-        logits, A = self.logits(frames, words), self.cfg.action_dim
-        if temperature > 0 and self.cfg.sampling == "chunk":  # one u per (chunk, action dim); each token takes the
-            cdf = rearrange((logits / temperature).softmax(-1).cumsum(-1), "b (k a) v -> b k a v", a=A)
-            u = torch.rand(len(cdf), 1, A, 1, device=cdf.device)  # first bin whose CDF reaches u
-            tokens = rearrange((cdf < u).sum(-1).clamp(max=self.cfg.bins - 1), "b k a -> b (k a)")
-            logp = chunk_logprob(logits / temperature, tokens, torch.ones_like(tokens, dtype=torch.bool), A).sum(-1)
-            return self.tokens_to_actions(tokens), tokens, logp
+        logits = self.logits(frames, words)
         if temperature > 0:
             logp_all = (logits / temperature).log_softmax(-1)
             tokens = torch.multinomial(rearrange(logp_all.exp(), "b n v -> (b n) v"), 1)
@@ -226,28 +215,14 @@ class VLA(nn.Module):
             logp_all = logits.log_softmax(-1)
             tokens = logits.argmax(-1)
         logp = logp_all.gather(-1, tokens[..., None])[..., 0].sum(-1)
-        return self.tokens_to_actions(tokens), tokens, logp
+        actions = rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim)
+        return actions, tokens, logp
 
-    def tokens_to_actions(self, tokens):  # (b, k*a) -> (b, k, a) in [-1, 1]
-        return rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim)
-
-    def logprob(self, frames, words, tokens, temperature: float = 1.0, per_token: bool = False, mask=None):
-        """Log-probability of given tokens (b, k*a), with gradients: (b,) summed, or per sampling unit with per_token:
-        (b, k*a) tokens, or for sampling="chunk" (b, a), each action dimension's draw over the actions in `mask`
-        (b, k*a) (default: all; GRPO passes the executed ones). `unit_mask` gives the mask of those units."""
-        logits = self.logits(frames, words) / max(temperature, 1e-6)
-        if self.cfg.sampling == "chunk":
-            lp = chunk_logprob(logits, tokens, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask,
-                               self.cfg.action_dim)
-        else:
-            lp = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    def logprob(self, frames, words, tokens, temperature: float = 1.0, per_token: bool = False):
+        """Log-probability of given tokens (b, k*a), with gradients: (b,) summed, or (b, k*a) with per_token."""
+        logp_all = (self.logits(frames, words) / max(temperature, 1e-6)).log_softmax(-1)
+        lp = logp_all.gather(-1, tokens[..., None])[..., 0]
         return lp if per_token else lp.sum(-1)
-
-    def unit_mask(self, token_mask):
-        """(b, k*a) executed tokens -> the mask of logprob's per_token units: itself, or (b, a) for "chunk"."""
-        if self.cfg.sampling == "chunk":
-            return rearrange(token_mask, "b (k a) -> b k a", a=self.cfg.action_dim).any(1)
-        return token_mask
 
     def entropy(self, frames, words, temperature: float = 1.0):
         """Mean per-token entropy (nats), for logging."""
@@ -265,20 +240,6 @@ class VLA(nn.Module):
         # within one bin either side: a finer accuracy than exact-token match for 256 bins
         near = (((logits.argmax(-1) - tokens).abs().reshape(-1) <= 2).float() * m).sum() / m.sum().clamp(min=1)
         return loss, {"sft/loss": loss.item(), "sft/token_acc": acc.item(), "sft/token_acc_2bins": near.item()}
-
-
-def chunk_logprob(logits, tokens, mask, A: int):
-    """Exact log-probability of a chunk drawn with one uniform u per action dimension (PolicyConfig.sampling="chunk").
-    Token j of a (k, a) distribution p is drawn iff u lies in [F(j - 1), F(j)) (F its CDF), so the chunk's tokens
-    are drawn iff u lies in every executed token's interval: probability max(0, min_k F(j_k) - max_k F(j_k - 1)) per
-    dimension. logits (b, k*a, v) already divided by T, tokens and mask (b, k*a) -> (b, a), with gradients."""
-    p = rearrange(logits.softmax(-1), "b (k a) v -> b k a v", a=A)
-    tok = rearrange(tokens, "b (k a) -> b k a 1", a=A)
-    hi = p.cumsum(-1).gather(-1, tok)[..., 0]  # F(j)
-    lo = hi - p.gather(-1, tok)[..., 0]  # F(j - 1)
-    m = rearrange(mask, "b (k a) -> b k a", a=A)
-    width = torch.where(m, hi, 1.0).amin(1) - torch.where(m, lo, 0.0).amax(1)  # (b, a)
-    return width.clamp(min=1e-30).log()  # an empty intersection (the policy moved since sampling): ratio ~ 0
 
 
 def policy_fn(policy: VLA, temperature: float, device="cpu"):
@@ -1033,12 +994,11 @@ def minibatch_loss(policy: VLA, obs, words, tokens, old, adv, tmask, traj, cfg: 
     here). old None: the current log-probs (ratio 1). Returns (loss, metrics)."""
     from kernels.grpo import grpo_loss
 
-    tmask = tmask.to(device)
-    logp = policy.logprob(obs.to(device), words.to(device), tokens.to(device), cfg.temperature, True, tmask)
+    logp = policy.logprob(obs.to(device), words.to(device), tokens.to(device), cfg.temperature, per_token=True)
     ids = torch.unique(traj, return_inverse=True)[1].to(device)
     old = logp.detach() if old is None else old.to(device)
-    return grpo_loss(logp, old, adv.to(device), policy.unit_mask(tmask).float(), cfg.clip_low, cfg.clip_high,
-                     agg=cfg.agg, traj=ids)
+    return grpo_loss(logp, old, adv.to(device), tmask.to(device).float(), cfg.clip_low, cfg.clip_high, agg=cfg.agg,
+                     traj=ids)
 
 
 def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") -> dict:
@@ -1052,8 +1012,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
     # old log-probs: the rollout policy, at the rollout temperature (exactly what sampled the tokens)
     with torch.no_grad():
         old = torch.cat([policy.logprob(obs[i : i + 256].to(device), words[i : i + 256].to(device),
-                                        tokens[i : i + 256].to(device), cfg.temperature, True,
-                                        tmask[i : i + 256].to(device)) for i in range(0, len(rows), 256)])
+                                        tokens[i : i + 256].to(device), cfg.temperature, per_token=True)
+                         for i in range(0, len(rows), 256)])
     logs = {k: [] for k in ["grpo/loss", "grpo/clipfrac", "grpo/approx_kl", "grpo/entropy", "grpo/grad_norm"]}
     n_traj = int(traj.max()) + 1 if len(traj) else 0
     for _ in range(cfg.epochs):

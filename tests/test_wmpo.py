@@ -1,6 +1,5 @@
 """wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
 
-import itertools
 import math
 import os
 
@@ -61,66 +60,6 @@ def test_logprob_is_sum_of_token_log_softmax():
     torch.testing.assert_close(pol.logprob(f, w, tokens, 1.6), expect, atol=1e-4, rtol=1e-5)
     assert actions.shape == (4, 8, 2) and tokens.shape == (4, 16)
     torch.testing.assert_close(actions.reshape(4, 16), wmpo.tokens_to_action(tokens))
-
-
-def chunk_policy():
-    torch.manual_seed(0)
-    return wmpo.VLA(wmpo.PolicyConfig(chunk=3, bins=4, width=8, keypoints=8, text_dim=16, hidden=64, sampling="chunk"))
-
-
-def grid_chunk_probs(logits, T, executed, n=200_000):
-    """Reference for sampling="chunk": sweep u over n grid points per action dimension, map it through each token's
-    CDF, count how often each pattern of the executed actions' tokens comes out. {(dim, tokens): probability}."""
-    cdf = (logits / T).softmax(-1).cumsum(-1).reshape(3, 2, 4)  # (k, a, v)
-    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    out = {}
-    for a in range(2):
-        toks = torch.stack([torch.searchsorted(cdf[k, a].double().contiguous(), u).clamp(max=3) for k in executed], 1)
-        pats, counts = torch.unique(toks, dim=0, return_counts=True)
-        out.update({(a, tuple(p.tolist())): c.item() / n for p, c in zip(pats, counts)})
-    return out
-
-
-def test_chunk_sampling_probability_is_exact_against_enumeration():
-    pol, T = chunk_policy(), 0.7
-    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
-    logits = pol.logits(f, w).detach()
-    for executed in [(0, 1, 2), (0, 1)]:  # the whole chunk, or the first E = 2 of its actions
-        mask = torch.zeros(2, 3, 2, dtype=torch.bool)
-        mask[:, list(executed)] = True
-        mask = mask.reshape(2, 6)
-        for i in range(2):
-            ref = grid_chunk_probs(logits[i], T, executed)
-            # every executed pattern of every dimension, enumerated: the exact probability, and they sum to one
-            for a in range(2):
-                total = 0.0
-                for pat in itertools.product(range(4), repeat=len(executed)):
-                    tok = torch.zeros(1, 3, 2, dtype=torch.long)
-                    tok[0, list(executed), a] = torch.tensor(pat)
-                    lp = pol.logprob(f[i : i + 1], w[i : i + 1], tok.reshape(1, 6), T, per_token=True, mask=mask[i : i + 1])
-                    prob = lp[0, a].exp().item()
-                    total += prob
-                    assert abs(prob - ref.get((a, pat), 0.0)) < 1e-4, (executed, a, pat, prob, ref.get((a, pat)))
-                assert abs(total - 1) < 1e-4
-    assert pol.unit_mask(mask).shape == (2, 2)
-
-
-def test_chunk_sampling_draws_patterns_at_their_probability():
-    pol, T, n = chunk_policy(), 1.0, 6000
-    f, w = frames(1).expand(n, -1, -1, -1), wmpo.tokenize(["go to the red pad"] * n, wmpo.VOCAB)
-    torch.manual_seed(1)
-    actions, tokens, logp = pol.act(f, w, T)
-    assert actions.shape == (n, 3, 2) and tokens.shape == (n, 6)
-    ref = grid_chunk_probs(pol.logits(f[:1], w[:1]).detach()[0], T, (0, 1, 2))
-    toks = tokens.reshape(n, 3, 2)
-    for a in range(2):
-        pats, counts = torch.unique(toks[:, :, a], dim=0, return_counts=True)
-        for p, c in zip(pats, counts):  # 6,000 draws: 4 standard errors of a probability is at most 0.026
-            assert abs(c.item() / n - ref[(a, tuple(p.tolist()))]) < 0.026
-    # act's log-probability is the whole chunk's: the sum over dimensions of logprob's units
-    torch.testing.assert_close(logp[:50], pol.logprob(f[:50], w[:50], tokens[:50], T), atol=1e-5, rtol=1e-5)
-    # a chunk moves as one: in every draw, each token is the u-quantile of its own distribution (not independent)
-    assert len(torch.unique(toks[:, :, 0], dim=0)) <= 3 * 3 + 1
 
 
 def test_greedy_is_deterministic_and_argmax():
