@@ -22,6 +22,7 @@ Run `python envs.py` for expert success rates and env steps/s per task.
 """
 
 import functools
+import hashlib
 import json
 import os
 import warnings
@@ -705,11 +706,15 @@ def expert_policy(noise: float = 0.0, seed: int = 0, dart: bool = False):
     return policy
 
 
-def collect_takeovers(task: str, act, seeds: list[int], noise: float = 0.3, seed: int = 0) -> list[dict]:
+def collect_takeovers(task: str, act, seeds: list[int], noise: float = 0.3, seed: int = 0, path: str = "",
+                      **meta) -> list[dict]:
     """Recovery demonstrations: `act` (the base policy) runs one episode per seed; in each failed one the expert takes
     over at a random step k (leaving at least a third of the horizon), after the env replayed the base's own actions
     up to k (the simulator is deterministic), and acts with DART noise, labelled with its clean action. Only the
-    part from k on is kept: demonstrations that start in the states the base itself gets lost in."""
+    part from k on is kept: demonstrations that start in the states the base itself gets lost in. With `path`, read
+    from there when a run saved them (as collect_cached), else saved there (with `meta`) unless there were none."""
+    if path and os.path.exists(path):
+        return load_episodes(path)
     rng = np.random.default_rng(seed)
     H = horizon(task)
     switch = {}  # seed -> (the base's actions before the takeover, k)
@@ -732,7 +737,33 @@ def collect_takeovers(task: str, act, seeds: list[int], noise: float = 0.3, seed
         k = switch[ep["seed"]][1]
         out.append({**{f: ep[f][k:] for f in ["frames", "actions", "labels", "success", "object_pos"]},
                     **{f: ep[f] for f in ["task", "instruction", "seed"]}})
+    if path and out:
+        save_episodes(path, out, policy="takeover", **meta)
+        return load_episodes(path)  # the episodes exactly as a later run reads them
     return out
+
+
+def collect_demos(data_dir: str, tasks, budgets, noise: float, seed: int, base=None, recovery=(), base_name: str = ""):
+    """SFT's demonstrations: `budgets[i]` expert episodes of tasks[i] (DART: the expert's action plus Gaussian `noise`
+    runs, labelled with its clean action), then, with a `base` policy callable, recovery demos from `recovery[i]` of
+    its rollouts (collect_takeovers, on seeds the demos never use: 5,000 on). Each shard is saved in data_dir and
+    reused by a later run with the same task, budget, noise and base (named by `base_name`, its checkpoint path)."""
+    episodes = []
+    for task, n in zip(tasks, budgets):
+        path = os.path.join(data_dir, f"demos-{task_name(task)}-{n}-dart{noise:g}.safetensors")
+        expert = expert_policy(noise, seed=seed, dart=noise > 0)
+        eps = collect_cached(path, task, expert, seeds("demos", task, n), f"demos {task}", policy="expert",
+                             dart_noise=noise)
+        print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
+        episodes += eps
+    src = hashlib.sha1(os.path.abspath(base_name).encode()).hexdigest()[:8]  # which policy failed
+    for task, n in zip(tasks, recovery if base is not None else ()):
+        path = os.path.join(data_dir, f"recovery-{task_name(task)}-{n}-{src}-dart{noise:g}.safetensors")
+        eps = collect_takeovers(task, base, seeds("demos", task, n, start=5000), noise, seed, path,
+                                recovery_from=base_name)
+        print(f"{task}: {len(eps)} recovery demos" if eps else f"{task}: no failed rollouts of {base_name} to recover")
+        episodes += eps
+    return episodes
 
 
 def make_env(task: str, **kwargs) -> gym.Env:

@@ -7,7 +7,6 @@
 All three read and write one run folder (--run-dir, default runs/demo); see ../shared/INTERFACE.md.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -51,8 +50,7 @@ class SFTArgs:
     dart_noise: float = 0.3
     """DART: demos execute the expert's action plus this Gaussian noise, labelled with the clean action"""
     recovery_from: str = ""
-    """a policy checkpoint (path) whose failed rollouts at T = 0.5 the expert takes over: recovery demos added to
-    the demos (envs.collect_takeovers; empty: none)"""
+    """a policy checkpoint whose failed rollouts at T = 0.5 the expert takes over: recovery demos (empty: none)"""
     recovery: tuple[int, ...] = ()
     """rollouts of --recovery-from per task, in --tasks order (its failures become recovery demos)"""
     # optim
@@ -97,31 +95,10 @@ def chunk_targets(episodes: list[dict], K: int, bins: int, vocab: list[str]):
 
 
 def collect_demos(args: SFTArgs, budgets) -> list[dict]:
-    data_dir = os.path.join(args.run_dir, "data")
-    episodes = []
-    for task, n in zip(args.tasks, budgets):
-        # reused when a run already wrote it: same task, same budget, same seeds
-        path = os.path.join(data_dir, f"demos-{envs.task_name(task)}-{n}-dart{args.dart_noise:g}.safetensors")
-        expert = envs.expert_policy(args.dart_noise, seed=args.seed, dart=args.dart_noise > 0)
-        eps = envs.collect_cached(path, task, expert, envs.seeds("demos", task, n), f"demos {task}", policy="expert",
-                                  dart_noise=args.dart_noise)
-        print(f"{task}: {len(eps)} demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
-        episodes += eps
-    src = hashlib.sha1(os.path.abspath(args.recovery_from).encode()).hexdigest()[:8]  # which policy failed
-    for task, n in zip(args.tasks, args.recovery if args.recovery_from else ()):
-        path = os.path.join(data_dir, f"recovery-{envs.task_name(task)}-{n}-{src}-dart{args.dart_noise:g}.safetensors")
-        if not os.path.exists(path):  # base rollouts from seeds the demos never use (5,000 on)
-            act = wmpo.policy_fn(wmpo.load(args.recovery_from, expect="VLA"), 0.5)
-            eps = envs.collect_takeovers(task, act, envs.seeds("demos", task, n, start=5000), args.dart_noise,
-                                         args.seed)
-            if not eps:
-                print(f"{task}: no failed rollouts of {args.recovery_from} to recover from")
-                continue
-            envs.save_episodes(path, eps, policy="takeover", recovery_from=args.recovery_from)
-        eps = envs.load_episodes(path)
-        print(f"{task}: {len(eps)} recovery demos, expert success {np.mean([e['success'][-1] for e in eps]):.0%}")
-        episodes += eps
-    return episodes
+    """The expert's demos per task, plus --recovery-from's recovery demos (envs.collect_demos: cached in DIR/data)."""
+    base = wmpo.policy_fn(wmpo.load(args.recovery_from, expect="VLA"), 0.5) if args.recovery_from else None
+    return envs.collect_demos(os.path.join(args.run_dir, "data"), args.tasks, budgets, args.dart_noise, args.seed,
+                              base, args.recovery, args.recovery_from)
 
 
 def sft(args: SFTArgs):
@@ -129,10 +106,9 @@ def sft(args: SFTArgs):
                      non_negative=("dart_noise", "augment_px", "weight_decay"))
     budgets = args.demos or SFT_PRESETS[args.preset]["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
-    if len(budgets) != len(args.tasks):
-        raise SystemExit(f"error: --demos needs one number per task ({len(args.tasks)}), got {len(budgets)}")
-    if args.recovery_from and len(args.recovery) != len(args.tasks):
-        raise SystemExit(f"error: --recovery needs one number per task ({len(args.tasks)}), got {len(args.recovery)}")
+    for flag, n in [("demos", len(budgets)), ("recovery", len(args.recovery) if args.recovery_from else len(budgets))]:
+        if n != len(args.tasks):
+            raise SystemExit(f"error: --{flag} needs one number per task ({len(args.tasks)}), got {n}")
     if args.recovery_from:
         wmpo.require(args.recovery_from, "python train_policy.py sft --run-dir <another run folder>")
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
@@ -262,8 +238,7 @@ def first_frames(run_dir: str, task: str):
 
 
 def val_success(policy, args: WMPOArgs) -> dict:
-    """Real success on `val` reset seeds (never `eval`), --val-episodes per task at the rollout temperature: what
-    the policy really does, logged beside what the world model and reward model say it does."""
+    """Real success on `val` seeds (never `eval`) at the rollout temperature: beside what imagination says it is."""
     logs = {}
     act = wmpo.policy_fn(policy, args.grpo.temperature, args.device)
     with torch.random.fork_rng():  # sampling here must not shift the training run's random stream
@@ -416,10 +391,9 @@ if __name__ == "__main__":
 
     args = tyro.extras.subcommand_cli_from_dict({"sft": SFTArgs, "wmpo": WMPOArgs, "grpo-real": GRPORealArgs})
     try:
-        if isinstance(args, GRPORealArgs):
-            grpo_loop(args, real=True)
-        elif isinstance(args, WMPOArgs):
-            lifelong(args) if args.rounds > 1 else grpo_loop(args, real=False)
+        if isinstance(args, WMPOArgs):  # wmpo, or grpo-real (GRPORealArgs): the same loop in another world
+            real = isinstance(args, GRPORealArgs)  # grpo-real has no lifelong rounds
+            lifelong(args) if args.rounds > 1 and not real else grpo_loop(args, real)
         else:
             sft(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one clear line, non-zero exit

@@ -70,6 +70,31 @@ def test_sft_writes_its_files(run_dir):
 
 
 @pytest.mark.slow
+def test_sft_recovery_demos_are_collected_once_and_reused(run_dir, tmp_path):
+    # a 2-step policy fails every rollout: the expert takes each one over; the shard is saved and a second run reads it
+    import shutil
+
+    d = str(tmp_path / "rec")
+    shutil.copytree(os.path.join(run_dir, "data"), os.path.join(d, "data"))
+    args = ["train_policy.py", "sft", "--run-dir", d, "--demos", "3", "3", "3", "--num-steps", "1", "--policy.width",
+            "8", "--policy.hidden", "32", "--recovery-from", os.path.join(run_dir, "policy_sft.safetensors"),
+            "--recovery", "2", "2", "2"]
+    import re
+
+    out = run(*args)
+    counts = {t: int(n) for t, n in re.findall(r"(\S+): (\d) recovery demos", out.stdout)}
+    assert counts.get("wmpo/PushTwo-v0", 0) >= 1  # an untrained policy never pushes two blocks onto their pads
+    shards = sorted(f for f in os.listdir(os.path.join(d, "data")) if f.startswith("recovery-"))
+    assert len(shards) == len(counts) and all("-2-" in f for f in shards), (shards, counts)
+    stamps = [os.path.getmtime(os.path.join(d, "data", f)) for f in shards]
+    out = run(*args)
+    assert "takeovers" not in out.stderr and "wmpo/PushTwo-v0: " in out.stdout
+    assert stamps == [os.path.getmtime(os.path.join(d, "data", f)) for f in shards]  # read, not collected again
+    bad = run(*args[:-3], "--recovery", "2", ok=False)
+    assert bad.returncode != 0 and "--recovery needs one number per task (3), got 1" in bad.stderr
+
+
+@pytest.mark.slow
 def test_eval_writes_valid_json(run_dir):
     run("eval.py", "--run-dir", run_dir, "--episodes", "2", "--temperatures", "0", "1.6", "--videos", "1")
     res = json.load(open(os.path.join(run_dir, "eval.json")))
