@@ -39,6 +39,8 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import ddp  # noqa: E402
+
 IMG = 64  # observation side in pixels
 TABLE = 0.25  # table half-size in metres
 PX_PER_M = IMG / (2 * TABLE)  # 128 px per metre, 7.8 mm per pixel
@@ -862,9 +864,7 @@ class RealChunkEnv:
 
     def start(self, B: int, G: int):
         """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
-        dist = torch.distributed  # wmpo.dist_init's answer, without importing wmpo (which imports envs)
-        on = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        rank, world = ddp.dist_init()  # (0, 1) in a plain run
         fresh = seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
         self.next_seed += world * B
         frames0 = self.reset([s for s in fresh for _ in range(G)])

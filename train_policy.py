@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
+import ddp
 import envs
 import wmpo
 from kernels.grpo import group_advantages
@@ -112,14 +113,14 @@ def sft(args: SFTArgs):
     if args.recovery_from:
         wmpo.require(args.recovery_from, "python train_policy.py sft --run-dir <another run folder>")
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
-    rank, world = wmpo.dist_init()
+    rank, world = ddp.dist_init()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
     torch.manual_seed(args.seed)
     if rank == 0:  # rank 0 collects the demos and writes every file; the others read the demos it saved
         wmpo.write_args(args.run_dir, "sft", args)
         collect_demos(args, budgets)
-    wmpo.barrier()
+    ddp.barrier()
     episodes = [ep for ep in collect_demos(args, budgets) if ep["success"][-1]]  # clone successes only
     # a new policy's words: today's vocabulary (the checkpoint then keeps it)
     frames, words, tokens, masks = chunk_targets(episodes, args.policy.chunk, args.policy.bins, wmpo.VOCAB)
@@ -132,7 +133,7 @@ def sft(args: SFTArgs):
     start = state["step"] if state else 0
     if start:
         print(f"resuming SFT from step {start}")
-    net = wmpo.wrap_ddp(policy)  # the policy itself in one process
+    net = ddp.wrap_ddp(policy)  # the policy itself in one process
     bar = tqdm(range(start, num_steps), desc="sft", initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
         t0 = time.time()
@@ -146,10 +147,10 @@ def sft(args: SFTArgs):
         shifts = torch.randint(0, 2 * args.augment_px + 1, (2, args.batch_size), generator=gen)
         idx, shifts = idx[rank::world], shifts[:, rank::world]
         batch_frames = wmpo.shift_augment(frames[idx], args.augment_px, shifts) if args.augment_px else frames[idx]
-        count = wmpo.all_sum(masks[idx].sum().float()).item() / world
+        count = ddp.all_sum(masks[idx].sum().float()).item() / world
         loss, logs = net(batch_frames.to(args.device), words[idx].to(args.device), tokens[idx].to(args.device),
                          masks[idx].to(args.device), count)
-        loss_all = wmpo.all_sum(loss.detach())  # the global batch's loss, identical on every rank
+        loss_all = ddp.all_sum(loss.detach())  # the global batch's loss, identical on every rank
         if not torch.isfinite(loss_all):
             raise SystemExit(f"error: SFT loss is {loss_all.item()} at step {step}; kept the last checkpoint {ckpt}")
         loss.backward()
@@ -163,7 +164,7 @@ def sft(args: SFTArgs):
             if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
                 wmpo.save(policy, ckpt, step + 1)
                 wmpo.save_train_state(ckpt.replace(".safetensors", ".train.pt"), opt, step + 1)
-    wmpo.barrier()
+    ddp.barrier()
     if rank == 0:
         print(f"saved {ckpt}")
 
@@ -227,16 +228,6 @@ class GRPORealArgs(WMPOArgs):
 WMPO_PRESETS = {"tiny": 15, "small": 60, "gpu": 200}
 
 
-def first_frames(run_dir: str, task: str):
-    """WMPO's initial states: the first frames of the real rollouts train_wm.py collected (all rounds so far), so
-    imagination draws nothing more from the real env than the budget P already counts (budget.json)."""
-    eps = envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{envs.task_name(task)}")
-    if not eps:
-        raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
-                         f"python train_wm.py --run-dir {run_dir}")
-    return torch.from_numpy(np.stack([e["frames"][0] for e in eps])), [e["instruction"] for e in eps]
-
-
 def val_success(policy, args: WMPOArgs) -> dict:
     """Real success on `val` seeds (never `eval`) at the rollout temperature: beside what imagination says it is."""
     logs = {}
@@ -258,7 +249,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
                      at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
     # local) and GRPO averages gradients over ranks: N processes = an N times larger batch per iteration
-    rank, world_size = wmpo.dist_init()
+    rank, world_size = ddp.dist_init()
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     name = args.out.removeprefix("policy_")  # the step name of its files: wmpo, grpo_real, wmpo_r1, grpo_real_p512
@@ -274,7 +265,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     # the real env, or one world and reward model with one pool of real first frames per task
     w = None if real else wmpo.load_world(args.run_dir, args.device, args.world_model, args.reward_model)
     worlds = [envs.RealChunkEnv(t, B * G) if real else wmpo.WorldModelEnv(w.wm, w.codec, args.device, w.reward,
-              first_frames(args.run_dir, t)) for t in args.tasks]
+              wmpo.first_frames(args.run_dir, t)) for t in args.tasks]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.grpo.lr, weight_decay=0.0)
     out_path = os.path.join(args.run_dir, f"{args.out}.safetensors")
     state = wmpo.resume(out_path, policy, opt, expect="VLA")
@@ -307,7 +298,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             # dynamic sampling: roll out more only when under half the groups carry a learning signal
             if kept_groups * 2 >= total_groups:
                 break
-        used = used_before + int(wmpo.all_sum(torch.tensor(sum(w.real_trajectories for w in worlds))).item())  # P
+        used = used_before + int(ddp.all_sum(torch.tensor(sum(w.real_trajectories for w in worlds))).item())  # P
         t_roll = time.time() - t0
         batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         if world_size > 1 and kept_groups == 0:  # this rank's groups are all dropped, but it must join the gradient
@@ -317,7 +308,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
         if args.grad_signal_every and it % args.grad_signal_every == 0 and world_size == 1:
             logs.update(grad_signal(policy, batch, G, args.grpo, args.device, seed=it))
         t_upd = time.time()  # the update's own throughput, without the diagnostic
-        if wmpo.all_sum(torch.tensor(kept_groups)).item() > 0:
+        if ddp.all_sum(torch.tensor(kept_groups)).item() > 0:
             logs.update(wmpo.grpo_update(policy, opt, batch, args.grpo, args.device))
         logs.update({
             "step": it, "wmpo/imagined_success" if not real else "grpo/real_success":
@@ -338,7 +329,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             wmpo.save_train_state(out_path.replace(".safetensors", ".train.pt"), opt, it + 1, real_trajectories=used,
                                   next_real_seed=worlds[0].next_seed)
     [w.close() for w in worlds]
-    wmpo.barrier()
+    ddp.barrier()
     print(f"saved {out_path} ({used} real trajectories used)" if real else f"saved {out_path}")
     return policy, final_val
 
@@ -357,7 +348,7 @@ def lifelong(args: WMPOArgs):
     wm_args = json.load(open(wmpo.require(os.path.join(args.run_dir, "train_wm.args.json"),
                                           f"python train_wm.py --run-dir {args.run_dir}")))
     base_out = args.out
-    rank, _ = wmpo.dist_init()
+    rank, _ = ddp.dist_init()
     for r in range(args.rounds):
         if r > 0:
             args.init = base_out if r == 1 else f"{base_out}_r{r - 1}"
@@ -370,7 +361,7 @@ def lifelong(args: WMPOArgs):
             if rank == 0:  # one process refreshes the models; the others wait for its files
                 print(f"round {r}: {' '.join(cmd)}")
                 subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            wmpo.barrier()
+            ddp.barrier()
             args.world_model, args.reward_model = f"wm.round{r}", f"reward.round{r}"
         args.out = base_out if r == 0 else f"{base_out}_r{r}"
         policy, res = grpo_loop(args, real=False)

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+import ddp
 import envs
 import fidelity
 import wmpo
@@ -275,12 +276,11 @@ def main(args: Args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) < 0:
             setattr(args, k, v)
-    for t in args.tasks:
-        envs.make(t).close()
+    [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
     wmpo.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share"],
                      non_negative=["round"], at_least={"group_size": 2})  # advantages are within groups
     budget_split(args)  # a budget too small for the tasks fails here, before any work
-    rank, world = wmpo.dist_init()
+    rank, world = ddp.dist_init()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
     B = args.batch_size // world  # this rank's share of every batch
@@ -297,7 +297,7 @@ def main(args: Args):
     if rank == 0:  # rank 0 collects every data set and writes every file; the others read what it saved
         wmpo.write_args(args.run_dir, f"train_wm{sfx}", args)
         collect_all(args, policy)
-    wmpo.barrier()
+    ddp.barrier()
     sets = collect_all(args, policy)
     # the real budget, counted: every trajectory drawn with the policy that trains or chooses anything (this round)
     used = {"rollouts": len(sets["rollouts"]), "val": len(sets["val"])}

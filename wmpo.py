@@ -27,7 +27,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (before any MuJoCo renderer: see envs.py)
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import ddp
 import envs
 
 # Denormal floats (|x| < 1e-38) make CPU convolutions 10-50x slower; gradients of near-constant latents produce them
@@ -107,6 +107,9 @@ class PolicyConfig:
     execute: int = 2
     """actions of each chunk run before the policy looks again (<= chunk; eval, rollouts and GRPO all use it); 2 vs 8:
     +11 / +6 / +1 points of base-policy success on Reach / PushCube / PushTwo (issue 15)"""
+    decoding: str = "parallel"
+    """parallel: every token from one pass (OpenVLA-OFT); autoregressive: token i also sees the chunk's tokens < i
+    (OpenVLA's order: action by action, x then y), so a sampled chunk follows its own first choices"""
 
 
 class FiLM(nn.Module):
@@ -169,6 +172,8 @@ class VLA(nn.Module):
         super().__init__()
         if not 1 <= cfg.execute <= cfg.chunk:
             raise ValueError(f"--policy.execute must be in 1..{cfg.chunk} (the chunk), got {cfg.execute}")
+        if cfg.decoding not in ("parallel", "autoregressive"):
+            raise ValueError(f"--policy.decoding must be parallel or autoregressive, got {cfg.decoding!r}")
         self.cfg = cfg
         w, td = cfg.width, cfg.text_dim
         self.text = TextEncoder(words, td)
@@ -181,9 +186,14 @@ class VLA(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * cfg.keypoints + td, cfg.hidden), nn.GELU(),
                                   nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
                                   nn.Linear(cfg.hidden, cfg.chunk * cfg.action_dim * cfg.bins))
+        if cfg.decoding == "autoregressive":  # token j's bin adds a learned vector to the features every token
+            n = cfg.chunk * cfg.action_dim  # after j reads: logits_i = W_i (h + sum_{j<i} prev[j, tok_j]) + b_i
+            self.prev = nn.Embedding(n * cfg.bins, cfg.hidden)
+            nn.init.zeros_(self.prev.weight)  # starts as the parallel head
 
-    def logits(self, frames: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """frames uint8 (b, h, w, c), words (b, l) -> logits (b, k*a, v)."""
+    def logits(self, frames: torch.Tensor, words: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """frames uint8 (b, h, w, c), words (b, l) -> logits (b, k*a, v). Autoregressive decoding: each token's
+        logits given the `tokens` (b, k*a) before it (teacher forcing); without tokens, the features (b, d)."""
         x = frames_to_model(frames)
         b, c, h, w = x.shape
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
@@ -195,17 +205,39 @@ class VLA(nn.Module):
         x = F.gelu(self.film3(self.conv3(x), text))
         x = self.conv4(x)  # (b, keypoints, 32, 32)
         feats = torch.cat([rearrange(spatial_softmax(x), "b n two -> b (n two)"), text], dim=-1)
-        out = self.head(feats)
-        return rearrange(out, "b (ka v) -> b ka v", v=self.cfg.bins)
+        if self.cfg.decoding == "parallel":
+            return rearrange(self.head(feats), "b (ka v) -> b ka v", v=self.cfg.bins)
+        z = self.head[:-1](feats)  # (b, d)
+        if tokens is None:
+            return z
+        emb = self.prev(tokens + torch.arange(tokens.shape[1], device=tokens.device) * self.cfg.bins)  # (b, n, d)
+        before = F.pad(emb[:, :-1], (0, 0, 1, 0)).cumsum(1)  # token i: the sum over j < i, exactly (not cumsum - emb)
+        return self.token_logits(z[:, None] + before, slice(None))
+
+    def token_logits(self, z, i):
+        """The last layer for tokens i (an index or slice): z (b, n, d) or (b, d) -> logits (b, n, v) or (b, v)."""
+        W = rearrange(self.head[-1].weight, "(n v) d -> n v d", v=self.cfg.bins)[i]
+        bias = rearrange(self.head[-1].bias, "(n v) -> n v", v=self.cfg.bins)[i]
+        return torch.einsum("...d,...vd->...v", z, W) + bias
 
     @torch.no_grad()
     def act(self, frames: torch.Tensor, words: torch.Tensor, temperature: float = 0.0):
-        """Sample (temperature > 0) or take the argmax (0) of every token.
+        """Sample (temperature > 0) or take the argmax (0) of every token (autoregressive: one after another).
 
         Returns (actions (b, k, a) in [-1, 1], tokens (b, k*a), logp (b,)): logp is the exact log-probability of
         the chosen tokens under the distribution they were drawn from (softmax(logits / temperature); T=1 for
         greedy), the sum over the chunk's K*A tokens (paper eq. 3).
         """
+        if self.cfg.decoding == "autoregressive":  # token by token, each drawn given the ones before it
+            z, toks, logp, T = self.logits(frames, words), [], 0.0, temperature if temperature > 0 else 1.0
+            for i in range(self.cfg.chunk * self.cfg.action_dim):
+                lp = (self.token_logits(z, i) / T).log_softmax(-1)  # (b, v)
+                toks.append(torch.multinomial(lp.exp(), 1)[:, 0] if temperature > 0 else lp.argmax(-1))
+                logp = logp + lp.gather(-1, toks[-1][:, None])[:, 0]
+                z = z + self.prev(toks[-1] + i * self.cfg.bins)
+            tokens = torch.stack(toks, 1)
+            return rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim), \
+                tokens, logp
         logits = self.logits(frames, words)
         if temperature > 0:
             logp_all = (logits / temperature).log_softmax(-1)
@@ -220,19 +252,19 @@ class VLA(nn.Module):
 
     def logprob(self, frames, words, tokens, temperature: float = 1.0, per_token: bool = False):
         """Log-probability of given tokens (b, k*a), with gradients: (b,) summed, or (b, k*a) with per_token."""
-        logp_all = (self.logits(frames, words) / max(temperature, 1e-6)).log_softmax(-1)
+        logp_all = (self.logits(frames, words, tokens) / max(temperature, 1e-6)).log_softmax(-1)
         lp = logp_all.gather(-1, tokens[..., None])[..., 0]
         return lp if per_token else lp.sum(-1)
 
-    def entropy(self, frames, words, temperature: float = 1.0):
-        """Mean per-token entropy (nats), for logging."""
-        logp_all = (self.logits(frames, words) / max(temperature, 1e-6)).log_softmax(-1)
+    def entropy(self, frames, words, temperature: float = 1.0, tokens=None):
+        """Mean per-token entropy (nats), for logging (autoregressive: of each token given the `tokens` before it)."""
+        logp_all = (self.logits(frames, words, tokens) / max(temperature, 1e-6)).log_softmax(-1)
         return -(logp_all.exp() * logp_all).sum(-1).mean()
 
     def forward(self, frames, words, tokens, token_mask, token_count: float | None = None):
         """SFT: cross-entropy on the action tokens, averaged over `token_count` tokens (default: the batch's valid
         ones; under DDP the global count / world size, so the averaged gradient equals one process's). (loss, logs)."""
-        logits = self.logits(frames, words)
+        logits = self.logits(frames, words, tokens)
         ce = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), tokens.reshape(-1), reduction="none")
         m = token_mask.reshape(-1).float()
         loss = (ce * m).sum() / (m.sum().clamp(min=1) if token_count is None else token_count)
@@ -655,6 +687,17 @@ def load_world(run_dir: str, device="cpu", world_model: str = "wm", reward_model
     return WorldModelEnv(get(world_model, "WorldModel"), get("codec", "FrameCodec"), device, reward, starts)
 
 
+def first_frames(run_dir: str, task: str):
+    """Imagination's initial states: the first frames uint8 (n, h, w, c) and instructions of the real rollouts
+    train_wm.py collected (all rounds so far), so imagination draws nothing more from the real env than the budget
+    P already counts (budget.json)."""
+    eps = envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{envs.task_name(task)}")
+    if not eps:
+        raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
+                         f"python train_wm.py --run-dir {run_dir}")
+    return torch.from_numpy(np.stack([e["frames"][0] for e in eps])), [e["instruction"] for e in eps]
+
+
 class ImaginedEnv(gym.Env):
     """A gymnasium env inside a trained world model, judged by the trained reward model, so any RL library can train
     in imagination: reset(seed) draws one of the run's real first frames (the rollouts train_wm.py collected, which
@@ -665,12 +708,9 @@ class ImaginedEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, run_dir: str, task: str, device="cpu", world_model: str = "wm", reward_model: str = "reward"):
-        eps = envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{envs.task_name(task)}")
-        if not eps:
-            raise SystemExit(f"error: no real rollouts of {task} in {run_dir}/data; make them with: "
-                             f"python train_wm.py --run-dir {run_dir}")
         self.world = load_world(run_dir, device, world_model, reward_model)
-        self.starts = [(e["frames"][0], e["instruction"]) for e in eps]
+        frames, instructions = first_frames(run_dir, task)
+        self.starts = list(zip(frames.numpy(), instructions))
         self.task, self.horizon, self.clip = task, envs.horizon(task), self.world.reward.cfg.clip
         self.observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -855,7 +895,7 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
     (weights, optimizer, RNG) under the same stage name, skip when the stage is done. SFT and GRPO keep their own
     flat loops in train_policy.py. loss_fn(net, step) draws this rank's share of a batch and returns net(...)'s
     (loss, logs); under torchrun net is the DistributedDataParallel wrapper. Only rank 0 writes files."""
-    rank, world = dist_init()
+    rank, world = ddp.dist_init()
     device = next(model.parameters()).device
     state_path = path.replace(".safetensors", ".train.pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -868,14 +908,14 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
     start = state["step"] if state else 0
     if start:
         print(f"resuming {stage} from step {start}")
-    net = wrap_ddp(model)
+    net = ddp.wrap_ddp(model)
     bar = tqdm(range(start, num_steps), desc=stage, initial=start, total=num_steps, disable=rank > 0)
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, num_steps, lr * lr_mult(step), floor=floor)
         loss, logs = loss_fn(net, step)
-        loss_all = all_sum(loss.detach()) / world
+        loss_all = ddp.all_sum(loss.detach()) / world
         if not torch.isfinite(loss_all):
             raise SystemExit(f"error: {stage} loss is {loss_all.item()} at step {step}; "
                              f"kept the last checkpoint {path}")
@@ -890,7 +930,7 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
             if (step + 1) % eval_every == 0 or step + 1 == num_steps:
                 save(model, path, step + 1)
                 save_train_state(state_path, opt, step + 1, stage=f"{stage}:done" if step + 1 == num_steps else stage)
-    barrier()
+    ddp.barrier()
     return model
 
 
@@ -1027,7 +1067,7 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
                 loss, m = minibatch_loss(policy, obs[mb], words[mb], tokens[mb], old[mb], adv[mb], tmask[mb],
                                          traj[mb], cfg, device)
                 loss.backward()
-            mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
+            ddp.mean_grads(policy)  # under torchrun: every rank's groups count, as one big batch would
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             opt.step()
             if not len(mb):
@@ -1036,7 +1076,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
                          ("grad_norm", grad_norm)]:
                 logs[f"grpo/{k}"].append(v.item())
             with torch.no_grad():
-                e = policy.entropy(obs[mb[:64]].to(device), words[mb[:64]].to(device), cfg.temperature)
+                e = policy.entropy(obs[mb[:64]].to(device), words[mb[:64]].to(device), cfg.temperature,
+                                   tokens[mb[:64]].to(device))
                 logs["grpo/entropy"].append(e.item())
     out = {k: float(sum(v) / max(len(v), 1)) for k, v in logs.items()}
     out["grpo/tokens"] = int(tmask.sum())
@@ -1232,55 +1273,6 @@ def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
         f.write(json.dumps(metrics) + "\n")
     if step_name in WANDB:
         WANDB[step_name].log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# multi-process training: `torchrun --nproc_per_node=N script.py ...` sets RANK / WORLD_SIZE; a plain run is rank 0 of 1
-
-
-def dist_init() -> tuple[int, int]:
-    """(rank, world size). Under torchrun, joins the process group: NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()  # a torch build without distributed has no is_initialized
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over ranks (the tensor itself in a single process)."""
-    if distributed():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def barrier() -> None:
-    if distributed():
-        dist.barrier()
-
-
-def wrap_ddp(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel around `model` when running under torchrun, else the model itself."""
-    return nn.parallel.DistributedDataParallel(model) if distributed() else model
-
-
-def mean_grads(model: nn.Module) -> None:
-    """Average gradients over ranks by hand, for losses that are not a module's forward (GRPO's logprob)."""
-    if not distributed():
-        return
-    for p in model.parameters():  # every parameter on every rank: the ranks' all-reduce calls must pair up
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= dist.get_world_size()
 
 
 def require(path: str, command: str) -> str:

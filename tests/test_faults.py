@@ -67,8 +67,8 @@ def test_two_process_ddp_equals_one_process(demo_dir, tmp_path):
 # rank must still take the same optimizer steps (each one all-reduces every gradient): when one rank took fewer, the
 # gloo collectives of the two ranks went out of step and a child aborted (SIGABRT) in about one test run in four.
 RANK_UPDATE = """
-import os, sys, torch, wmpo
-rank, world = wmpo.dist_init()
+import os, sys, torch, ddp, wmpo
+rank, world = ddp.dist_init()
 torch.manual_seed(0)
 pol = wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64))
 n = 2 if rank == 0 else 6  # trajectories this rank kept: 2 and 6 split into 2 and 3 mini-batches of torch.chunk
@@ -81,7 +81,7 @@ batch = {"obs": f, "words": w, "tokens": tokens, "adv": torch.randn(n, generator
 opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
 wmpo.grpo_update(pol, opt, batch, wmpo.GRPOConfig(minibatches=4, epochs=2))
 torch.save(torch.cat([p.detach().flatten() for p in pol.parameters()]), os.path.join(sys.argv[1], f"rank{rank}.pt"))
-wmpo.barrier()
+ddp.barrier()
 """
 
 

@@ -1,5 +1,6 @@
 """wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
 
+import itertools
 import math
 import os
 
@@ -62,6 +63,39 @@ def test_logprob_is_sum_of_token_log_softmax():
     torch.testing.assert_close(actions.reshape(4, 16), wmpo.tokens_to_action(tokens))
 
 
+def ar_policy(seed=0):
+    torch.manual_seed(seed)
+    pol = wmpo.VLA(wmpo.PolicyConfig(chunk=2, bins=3, width=8, keypoints=8, text_dim=16, hidden=64,
+                                     decoding="autoregressive"))
+    torch.nn.init.normal_(pol.prev.weight, std=1.0)  # earlier tokens change later ones (zero at initialisation)
+    return pol
+
+
+def test_autoregressive_decoding_is_a_distribution_over_whole_chunks():
+    pol, T = ar_policy(), 0.8
+    f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
+    combos = torch.tensor(list(itertools.product(range(3), repeat=4)))  # every chunk of 2 actions x 2 dims x 3 bins
+    for i in range(2):
+        lp = pol.logprob(f[i : i + 1].expand(81, -1, -1, -1), w[i : i + 1].expand(81, -1), combos, T).detach()
+        assert abs(lp.exp().sum().item() - 1) < 1e-5  # a token that saw itself or a later one would break this
+        # the sequential sampler (act) draws each whole chunk at the probability the teacher-forced pass gives it
+        n = 20_000
+        torch.manual_seed(i)
+        _, tokens, logp = pol.act(f[i : i + 1].expand(n, -1, -1, -1), w[i : i + 1].expand(n, -1), T)
+        freq = (tokens[:, None] == combos[None]).all(-1).float().mean(0)
+        assert (freq - lp.exp()).abs().max() < 0.015  # 4 standard errors of the largest probability at 20,000 draws
+        torch.testing.assert_close(logp[:100], lp[(tokens[:100, None] == combos[None]).all(-1).float().argmax(1)])
+    # causal: changing token j changes no logits of tokens 0..j
+    t = combos[:1].repeat(4, 1)
+    for j in range(4):
+        t2 = t[:1].clone()
+        t2[0, j] = 2
+        a, b = pol.logits(f[:1], w[:1], t[:1]), pol.logits(f[:1], w[:1], t2)
+        assert torch.equal(a[:, : j + 1], b[:, : j + 1]) and (j == 3 or not torch.equal(a[:, j + 1 :], b[:, j + 1 :]))
+    g1, g2 = pol.act(f, w, 0.0)[1], pol.act(f, w, 0.0)[1]
+    assert torch.equal(g1, g2)
+
+
 def test_greedy_is_deterministic_and_argmax():
     pol = tiny_policy()
     f, w = frames(3), wmpo.tokenize(["go to the red pad"] * 3, wmpo.VOCAB)
@@ -81,12 +115,14 @@ def test_instruction_changes_the_policy_output():
     assert not torch.allclose(la, lb)
 
 
-def test_sft_overfits_a_handful_of_demos():
+@pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
+def test_sft_overfits_a_handful_of_demos(decoding):
     eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2, 3], num_envs=3)
     from train_policy import chunk_targets
 
     f, w, t, m = chunk_targets(eps, 8, 256, wmpo.VOCAB)
-    pol = tiny_policy()
+    torch.manual_seed(0)
+    pol = wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, decoding=decoding))
     opt = torch.optim.AdamW(pol.parameters(), lr=3e-3)
     first = None
     for _ in range(60):
@@ -365,8 +401,10 @@ def test_reward_scores_every_frame_and_windows_are_causal():
 # -- GRPO ------------------------------------------------------------------------------------------------------------
 
 
-def test_grpo_step_moves_logprobs_in_the_sign_of_the_advantage():
-    pol = tiny_policy()
+@pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
+def test_grpo_step_moves_logprobs_in_the_sign_of_the_advantage(decoding):
+    torch.manual_seed(0)
+    pol = wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, decoding=decoding))
     f, w = frames(8), wmpo.tokenize(["go to the red pad"] * 8, wmpo.VOCAB)
     torch.manual_seed(0)
     _, tokens, _ = pol.act(f, w, 1.0)
