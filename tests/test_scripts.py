@@ -530,3 +530,21 @@ def test_rl_signal_reports_census_and_cosines(run_dir):
         assert abs(r["groups_all_fail"] + r["groups_all_success"] + r["groups_mixed"] - 1) < 1e-6
         n_fail = round((1 - r["success"]) * 4)
         assert abs(sum(r["failures"].values()) - (1 if n_fail else 0)) < 1e-6
+
+
+def test_base_fit_numbers_of_a_uniform_head_are_log_bins():
+    # a head with a zero last layer is uniform over its bins: NLL = entropy = log(bins) at any target, and 90% of its
+    # mass needs 15 of 16 bins
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import wmpo
+    from base_fit import fit_numbers
+
+    pol = wmpo.VLA(wmpo.PolicyConfig(bins=16, width=8, keypoints=8, text_dim=16, hidden=32))
+    torch.nn.init.zeros_(pol.head[-1].weight)
+    torch.nn.init.zeros_(pol.head[-1].bias)
+    eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [7, 8], num_envs=2)
+    r = fit_numbers(pol, eps, 0.5)
+    assert abs(r["nll"] - np.log(16)) < 1e-5 and abs(r["entropy"] - np.log(16)) < 1e-5
+    assert abs(r["entropy_T0.5"] - np.log(16)) < 1e-5 and r["bins90_median"] == 15
+    lengths = [len(e["actions"]) - 1 for e in eps]  # each step's chunk counts only actions before the episode's end
+    assert r["tokens"] == sum(2 * min(8, T - t) for T in lengths for t in range(T))
