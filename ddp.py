@@ -19,7 +19,12 @@ def dist_init() -> tuple[int, int]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+    return rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group already joined, (0, 1) without one; never joins one itself."""
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
 def distributed() -> bool:

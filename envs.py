@@ -864,7 +864,7 @@ class RealChunkEnv:
 
     def start(self, B: int, G: int):
         """B fresh initial states, each G times -> (frames, instructions). Under torchrun ranks take disjoint seeds."""
-        rank, world = ddp.dist_init()  # (0, 1) in a plain run
+        rank, world = ddp.rank_world()  # (0, 1) in a plain run
         fresh = seeds("grpo_real", self.task, B, start=self.next_seed + rank * B)
         self.next_seed += world * B
         frames0 = self.reset([s for s in fresh for _ in range(G)])

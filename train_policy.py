@@ -107,7 +107,8 @@ def sft(args: SFTArgs):
                      non_negative=("dart_noise", "augment_px", "weight_decay"))
     budgets = args.demos or SFT_PRESETS[args.preset]["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
-    for flag, n in [("demos", len(budgets)), ("recovery", len(args.recovery) if args.recovery_from else len(budgets))]:
+    recovery = len(args.recovery) if args.recovery_from else len(args.tasks)  # only checked with --recovery-from
+    for flag, n in [("demos", len(budgets)), ("recovery", recovery)]:
         if n != len(args.tasks):
             raise SystemExit(f"error: --{flag} needs one number per task ({len(args.tasks)}), got {n}")
     if args.recovery_from:

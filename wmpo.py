@@ -236,17 +236,16 @@ class VLA(nn.Module):
                 logp = logp + lp.gather(-1, toks[-1][:, None])[:, 0]
                 z = z + self.prev(toks[-1] + i * self.cfg.bins)
             tokens = torch.stack(toks, 1)
-            return rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim), \
-                tokens, logp
-        logits = self.logits(frames, words)
-        if temperature > 0:
-            logp_all = (logits / temperature).log_softmax(-1)
-            tokens = torch.multinomial(rearrange(logp_all.exp(), "b n v -> (b n) v"), 1)
-            tokens = rearrange(tokens, "(b n) 1 -> b n", b=logits.shape[0])
         else:
-            logp_all = logits.log_softmax(-1)
-            tokens = logits.argmax(-1)
-        logp = logp_all.gather(-1, tokens[..., None])[..., 0].sum(-1)
+            logits = self.logits(frames, words)
+            if temperature > 0:
+                logp_all = (logits / temperature).log_softmax(-1)
+                tokens = torch.multinomial(rearrange(logp_all.exp(), "b n v -> (b n) v"), 1)
+                tokens = rearrange(tokens, "(b n) 1 -> b n", b=logits.shape[0])
+            else:
+                logp_all = logits.log_softmax(-1)
+                tokens = logits.argmax(-1)
+            logp = logp_all.gather(-1, tokens[..., None])[..., 0].sum(-1)
         actions = rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim)
         return actions, tokens, logp
 
