@@ -65,6 +65,8 @@ class SFTArgs:
     """AdamW weight decay"""
     augment_px: int = 3
     """random-shift augmentation in pixels"""
+    label_sigma: float = 0.0
+    """targets: one-hot (0) or a Gaussian over bins of this std in bins (HL-Gauss; 0.75 per Farebrother et al. 2024)"""
     eval_every: int = 500
     """checkpoint (and resume point) interval in steps"""
     policy: wmpo.PolicyConfig = field(default_factory=wmpo.PolicyConfig)
@@ -104,7 +106,7 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
 
 def sft(args: SFTArgs):
     wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"),
-                     non_negative=("dart_noise", "augment_px", "weight_decay"))
+                     non_negative=("dart_noise", "augment_px", "weight_decay", "label_sigma"))
     budgets = args.demos or SFT_PRESETS[args.preset]["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
     recovery = len(args.recovery) if args.recovery_from else len(args.tasks)  # only checked with --recovery-from
@@ -150,7 +152,7 @@ def sft(args: SFTArgs):
         batch_frames = wmpo.shift_augment(frames[idx], args.augment_px, shifts) if args.augment_px else frames[idx]
         count = ddp.all_sum(masks[idx].sum().float()).item() / world
         loss, logs = net(batch_frames.to(args.device), words[idx].to(args.device), tokens[idx].to(args.device),
-                         masks[idx].to(args.device), count)
+                         masks[idx].to(args.device), count, args.label_sigma)
         loss_all = ddp.all_sum(loss.detach())  # the global batch's loss, identical on every rank
         if not torch.isfinite(loss_all):
             raise SystemExit(f"error: SFT loss is {loss_all.item()} at step {step}; kept the last checkpoint {ckpt}")

@@ -86,6 +86,14 @@ def tokens_to_action(tokens: torch.Tensor, bins: int = 256) -> torch.Tensor:
     return tokens.float() / (bins - 1) * 2 - 1  # bin centres; round trip error <= half a bin = 1 / (bins - 1)
 
 
+def gauss_targets(tokens: torch.Tensor, bins: int, sigma: float) -> torch.Tensor:
+    """HL-Gauss (Imani & White 2018): the mass N(token, sigma) puts on each bin (sigma in bins), renormalised over
+    the range so the end bins keep theirs. tokens (...) -> target distributions (..., bins)."""
+    edges = torch.arange(bins + 1, device=tokens.device) - 0.5
+    mass = torch.special.ndtr((edges - tokens[..., None].float()) / sigma).diff(dim=-1)
+    return mass / mass.sum(-1, keepdim=True)
+
+
 def frames_to_model(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (..., h, w, c) -> float (..., c, h, w) in [-1, 1]."""
     return rearrange(frames, "... h w c -> ... c h w").float() / 127.5 - 1.0
@@ -260,11 +268,13 @@ class VLA(nn.Module):
         logp_all = (self.logits(frames, words, tokens) / max(temperature, 1e-6)).log_softmax(-1)
         return -(logp_all.exp() * logp_all).sum(-1).mean()
 
-    def forward(self, frames, words, tokens, token_mask, token_count: float | None = None):
-        """SFT: cross-entropy on the action tokens, averaged over `token_count` tokens (default: the batch's valid
-        ones; under DDP the global count / world size, so the averaged gradient equals one process's). (loss, logs)."""
+    def forward(self, frames, words, tokens, token_mask, token_count: float | None = None, sigma: float = 0.0):
+        """SFT: cross-entropy on the action tokens (one-hot, or HL-Gauss targets of std `sigma` bins), averaged over
+        `token_count` tokens (default: the batch's valid ones; under DDP the global count / world size, so the
+        averaged gradient equals one process's). (loss, logs)."""
         logits = self.logits(frames, words, tokens)
-        ce = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), tokens.reshape(-1), reduction="none")
+        ce = (-(gauss_targets(tokens, self.cfg.bins, sigma) * logits.log_softmax(-1)).sum(-1).reshape(-1) if sigma > 0
+              else F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), tokens.reshape(-1), reduction="none"))
         m = token_mask.reshape(-1).float()
         loss = (ce * m).sum() / (m.sum().clamp(min=1) if token_count is None else token_count)
         acc = ((logits.argmax(-1).reshape(-1) == tokens.reshape(-1)).float() * m).sum() / m.sum().clamp(min=1)
@@ -1282,8 +1292,7 @@ def require(path: str, command: str) -> str:
 
 
 def shift_augment(frames: torch.Tensor, pad: int = 3, shifts: torch.Tensor | None = None) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (edge-replicated), one shift per sample. uint8 (b, h, w, c).
-    shifts: (2, b) integers in [0, 2 * pad] to use instead of fresh random ones."""
+    """Random translation by up to `pad` px (edge-replicated), one per sample; uint8 (b, h, w, c); shifts (2, b)."""
     b, h, w, c = frames.shape
     x = F.pad(rearrange(frames, "b h w c -> b c h w").float(), (pad,) * 4, mode="replicate")
     dy, dx = (torch.randint(0, 2 * pad + 1, (2, b)) if shifts is None else shifts).tolist()

@@ -47,6 +47,27 @@ def test_action_bins_round_trip_within_half_a_bin():
     assert wmpo.action_to_tokens(torch.tensor([-1.0, 1.0, 3.0])).tolist() == [0, 255, 255]
 
 
+def test_hl_gauss_targets_are_the_gaussian_mass_of_each_bin():
+    bins, sigma = 16, 0.75
+    tokens = torch.tensor([0, 3, 7, 15])
+    got = wmpo.gauss_targets(tokens, bins, sigma)
+    x = torch.linspace(-0.5, bins - 0.5, bins * 2000 + 1, dtype=torch.float64)  # numerical integral of the pdf
+    for t, row in zip(tokens.tolist(), got):
+        pdf = torch.exp(-0.5 * ((x - t) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        mass = torch.stack([torch.trapezoid(pdf[i * 2000 : (i + 1) * 2000 + 1], x[i * 2000 : (i + 1) * 2000 + 1])
+                            for i in range(bins)])
+        torch.testing.assert_close(row.double(), mass / mass.sum(), atol=1e-6, rtol=1e-4)
+        assert row.argmax() == t
+    # the SFT loss with these targets, and one-hot as sigma -> 0
+    pol, f = tiny_policy(), frames(2)
+    w = wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
+    tok, m = torch.randint(0, 256, (2, 16)), torch.ones(2, 16, dtype=torch.bool)
+    logp = pol.logits(f, w).log_softmax(-1)
+    q = wmpo.gauss_targets(tok, 256, 1.5)
+    torch.testing.assert_close(pol(f, w, tok, m, sigma=1.5)[0], -(q * logp).sum(-1).mean())
+    torch.testing.assert_close(pol(f, w, tok, m, sigma=1e-3)[0], pol(f, w, tok, m)[0])
+
+
 # -- policy ------------------------------------------------------------------------------------------------------
 
 
