@@ -151,6 +151,13 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
 
 
+def test_imagination_benchmark_times_both_worlds_on_one_batch():
+    out = run("scripts/bench_imagine.py", "--task", "wmpo/Reach-v0", "--states", "1", "--group", "2", "--threads", "1")
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| real env", "| world model"))]
+    assert len(rows) == 2 and "dynamics" in rows[1] and "codec encode" in rows[1], out.stdout
+    assert "imagined / real trajectories per second" in out.stdout
+
+
 @pytest.mark.slow
 def test_lifelong_rounds_refresh_with_train_wm_and_keep_round_0(run_dir, tmp_path):
     import shutil
@@ -237,7 +244,8 @@ def flags_without_help(cmd: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("cmd", [["train_policy.py", "sft"], ["train_policy.py", "wmpo"], ["train_policy.py", "grpo-real"],
-                                 ["train_wm.py"], ["eval.py"], ["scripts/results.py"]], ids=" ".join)
+                                 ["train_wm.py"], ["eval.py"], ["scripts/results.py"], ["scripts/bench_imagine.py"]],
+                         ids=" ".join)
 def test_every_flag_has_help(cmd):
     assert flags_without_help(cmd) == [], f"{' '.join(cmd)}: flags with no help text"
 
