@@ -1292,7 +1292,7 @@ def require(path: str, command: str) -> str:
 
 
 def shift_augment(frames: torch.Tensor, pad: int = 3, shifts: torch.Tensor | None = None) -> torch.Tensor:
-    """Random translation by up to `pad` px (edge-replicated), one per sample; uint8 (b, h, w, c); shifts (2, b)."""
+    """Shift each sample up to `pad` px, edge-replicated; uint8 (b, h, w, c); shifts (2, b) in [0, 2 pad] or random."""
     b, h, w, c = frames.shape
     x = F.pad(rearrange(frames, "b h w c -> b c h w").float(), (pad,) * 4, mode="replicate")
     dy, dx = (torch.randint(0, 2 * pad + 1, (2, b)) if shifts is None else shifts).tolist()
