@@ -1,4 +1,5 @@
-"""MuJoCo tabletop tasks for wmpo: pixel observations, language instructions, scripted experts, episode storage.
+"""MuJoCo tabletop tasks for wmpo: pixel observations, language instructions, scripted experts, episode storage,
+run folders (atomic writes, <step>.args.json, <step>.metrics.jsonl, flag checks).
 
     import envs, gymnasium as gym
     env = gym.make("wmpo/PushCube-v0")
@@ -24,8 +25,10 @@ Run `python envs.py` for expert success rates and env steps/s per task.
 import functools
 import hashlib
 import json
+import math
 import os
 import warnings
+from dataclasses import asdict
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # read once at `import mujoco`: must be set before it
 os.environ.setdefault("LP_NUM_THREADS", "0")  # llvmpipe renders inline: 1.7-2.6x faster at 64x64
@@ -622,11 +625,7 @@ def save_episodes(path: str, episodes: list[dict], **meta) -> None:
         **meta,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"wmpo": json.dumps(header)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"wmpo": json.dumps(header)}))
 
 
 def load_episodes(path: str) -> list[dict]:
@@ -683,6 +682,68 @@ def load_dir(folder: str, prefix: str) -> list[dict]:
 
     paths = sorted(glob.glob(os.path.join(folder, f"{prefix}-*.safetensors")))
     return [ep for p in paths for ep in load_episodes(p)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run folders: files written atomically; every step writes <step>.args.json and appends to <step>.metrics.jsonl
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """write_fn(tmp_path), fsync, rename: a kill at any moment leaves either the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write_fn(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None) -> None:
+    """Out-of-range flags stop a run before any work, with one line naming the flag (nested: --grpo.lr)."""
+    rules = [(n, ">", 0) for n in positive] + [(n, ">=", 0) for n in non_negative]
+    for name, op, low in rules + [(n, ">=", low) for n, low in (at_least or {}).items()]:
+        value = args
+        for part in name.split("."):
+            value = getattr(value, part)
+        if not (value > low if op == ">" else value >= low):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {op} {low}, got {value}")
+
+
+WANDB = {}  # step name -> an open wandb run, when a script was started with --wandb
+
+
+def write_args(run_dir: str, step_name: str, args) -> None:
+    """DIR/<step>.args.json; with --wandb also opens a Weights & Biases run (imported only then; WANDB_MODE=offline
+    logs without a network) that log_metrics mirrors to."""
+    os.makedirs(run_dir, exist_ok=True)
+    data = json.dumps(asdict(args), indent=2, default=str)
+    atomic_write(os.path.join(run_dir, f"{step_name}.args.json"), lambda tmp: open(tmp, "w").write(data))
+    if getattr(args, "wandb", False):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --wandb needs the wandb package (pip install wandb), "
+                             "which is not in requirements.txt") from None
+        WANDB[step_name] = wandb.init(project="wmpo", name=f"{os.path.basename(os.path.abspath(run_dir))}/{step_name}",
+                                      dir=run_dir, config=json.loads(data), reinit=True)
+
+
+def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise FloatingPointError(f"{step_name}: metric {k} is {v} at step {metrics.get('step')}; stopping, "
+                                     f"the last good checkpoint in {run_dir} is kept")
+    with open(os.path.join(run_dir, f"{step_name}.metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if step_name in WANDB:
+        WANDB[step_name].log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def require(path: str, command: str) -> str:
+    """Stop with a message naming the command that makes a missing run-folder input."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found; make it first with: {command}")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

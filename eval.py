@@ -58,6 +58,8 @@ class Args:
     score never depends on which checkpoints were evaluated before"""
     execute: int = 0
     """actions of each chunk run before re-planning (0: the checkpoint's own, PolicyConfig.execute)"""
+    sampling: Literal["", "independent", "shared"] = ""
+    """how a chunk's tokens are drawn at T > 0 (empty: the checkpoint's own, PolicyConfig.sampling)"""
     split: Literal["eval", "val"] = "eval"
     """reset seeds: eval (reported numbers only) | val (for choosing checkpoints, rounds or levers; disjoint)"""
     device: str = "cpu"
@@ -196,13 +198,14 @@ def main(args: Args):
         envs.make(t).close()  # an unknown id fails before any work
     results = {}
     for name in args.checkpoints:
-        path = wmpo.require(os.path.join(args.run_dir, f"{name}.safetensors"),
+        path = envs.require(os.path.join(args.run_dir, f"{name}.safetensors"),
                             "python train_policy.py sft (or wmpo / grpo-real) --run-dir " + args.run_dir)
         policy = wmpo.load(path, args.device, expect="VLA").eval()
         if args.execute:
             if not 0 < args.execute <= policy.cfg.chunk:
                 raise ValueError(f"--execute must be in 1..{policy.cfg.chunk}, got {args.execute}")
             policy.cfg.execute = args.execute
+        policy.cfg.sampling = args.sampling or policy.cfg.sampling
         for temp in args.temperatures:
             key = name if temp == 0 else f"{name}@T{temp:g}"
             results[key] = {}
@@ -235,9 +238,9 @@ def main(args: Args):
     if args.suite == "generalisation":
         md = generalisation_markdown(merged) + "\n" + md  # every checkpoint evaluated so far
     data = json.dumps(merged, indent=2)
-    wmpo.atomic_write(path, lambda tmp: open(tmp, "w").write(data))
+    envs.atomic_write(path, lambda tmp: open(tmp, "w").write(data))
     md_name = args.out if args.suite == "tasks" else f"{args.out}_generalisation"
-    wmpo.atomic_write(os.path.join(args.run_dir, f"{md_name}.md"), lambda tmp: open(tmp, "w").write(md))
+    envs.atomic_write(os.path.join(args.run_dir, f"{md_name}.md"), lambda tmp: open(tmp, "w").write(md))
     print(md)
 
 

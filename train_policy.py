@@ -105,7 +105,7 @@ def collect_demos(args: SFTArgs, budgets) -> list[dict]:
 
 
 def sft(args: SFTArgs):
-    wmpo.check_flags(args, positive=("batch_size", "lr", "eval_every"),
+    envs.check_flags(args, positive=("batch_size", "lr", "eval_every"),
                      non_negative=("dart_noise", "augment_px", "weight_decay", "label_sigma"))
     budgets = args.demos or SFT_PRESETS[args.preset]["demos"]
     num_steps = args.num_steps if args.num_steps > 0 else SFT_PRESETS[args.preset]["num_steps"]
@@ -114,14 +114,14 @@ def sft(args: SFTArgs):
         if n != len(args.tasks):
             raise SystemExit(f"error: --{flag} needs one number per task ({len(args.tasks)}), got {n}")
     if args.recovery_from:
-        wmpo.require(args.recovery_from, "python train_policy.py sft --run-dir <another run folder>")
+        envs.require(args.recovery_from, "python train_policy.py sft --run-dir <another run folder>")
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
     rank, world = ddp.dist_init()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must divide over {world} processes")
     torch.manual_seed(args.seed)
     if rank == 0:  # rank 0 collects the demos and writes every file; the others read the demos it saved
-        wmpo.write_args(args.run_dir, "sft", args)
+        envs.write_args(args.run_dir, "sft", args)
         collect_demos(args, budgets)
     ddp.barrier()
     episodes = [ep for ep in collect_demos(args, budgets) if ep["success"][-1]]  # clone successes only
@@ -162,7 +162,7 @@ def sft(args: SFTArgs):
         opt.zero_grad(set_to_none=True)
         logs.update({"sft/loss": loss_all.item() / world}, step=step, lr=lr, dt=time.time() - t0)
         if rank == 0:
-            wmpo.log_metrics(args.run_dir, "sft", logs)
+            envs.log_metrics(args.run_dir, "sft", logs)
             bar.set_postfix(loss=f"{logs['sft/loss']:.3f}", acc=f"{logs['sft/token_acc_2bins']:.2f}")
             if (step + 1) % args.eval_every == 0 or step + 1 == num_steps:
                 wmpo.save(policy, ckpt, step + 1)
@@ -215,6 +215,8 @@ class WMPOArgs:
     """reward-model checkpoint that judges imagined rollouts (round r: reward.round<r>)"""
     execute: int = -1
     """actions run per chunk before the policy looks again (-1: the checkpoint's; the trained policy keeps it)"""
+    sampling: Literal["", "independent", "shared"] = ""
+    """how a chunk's tokens are drawn (PolicyConfig.sampling; empty: the checkpoint's; the trained policy keeps it)"""
     grad_signal_every: int = 1
     """log grad_signal (scripts/rl_signal.py: the update's signal vs a permuted-label control) every this many
     iterations (0: never)"""
@@ -247,7 +249,7 @@ def val_success(policy, args: WMPOArgs) -> dict:
 def grpo_loop(args: WMPOArgs, real: bool):
     iterations = args.iterations if args.iterations > 0 else WMPO_PRESETS[args.preset]
     horizons = [envs.horizon(t) for t in args.tasks]  # unknown ids fail here, before any work
-    wmpo.check_flags(args, positive=["budget", "rounds", "grpo.lr"],
+    envs.check_flags(args, positive=["budget", "rounds", "grpo.lr"],
                      non_negative=["grpo.temperature", "val_every", "grad_signal_every"],
                      at_least={"grpo.group_size": 2, "grpo.states_per_task": 1})
     # under torchrun each rank rolls out its own B groups per task (a group never spans ranks: its statistics are
@@ -257,12 +259,13 @@ def grpo_loop(args: WMPOArgs, real: bool):
     np.random.seed(args.seed + rank)
     name = args.out.removeprefix("policy_")  # the step name of its files: wmpo, grpo_real, wmpo_r1, grpo_real_p512
     if rank == 0:
-        wmpo.write_args(args.run_dir, name, args)
-    init_path = wmpo.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
+        envs.write_args(args.run_dir, name, args)
+    init_path = envs.require(os.path.join(args.run_dir, f"{args.init}.safetensors"),
                              f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(init_path, args.device, expect="VLA")
     if args.execute > 0:
         policy.cfg.execute = min(args.execute, policy.cfg.chunk)
+    policy.cfg.sampling = args.sampling or policy.cfg.sampling
     G = args.grpo.group_size
     B = args.states_per_task_real if real else args.grpo.states_per_task
     # the real env, or one world and reward model with one pool of real first frames per task
@@ -280,7 +283,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
     per_iteration = world_size * len(worlds) * B * G if real else 0  # real resets an iteration costs, all ranks
     final_val = None  # the last iteration's val check, when there is one (lifelong reports it)
     if rank == 0 and args.val_every and start == 0:  # the starting point of the imagined-vs-real curve
-        wmpo.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args)})
+        envs.log_metrics(args.run_dir, name, {"step": -1, **val_success(policy.eval(), args)})
     bar = tqdm(range(start, iterations), desc=name, initial=start, total=iterations, disable=rank > 0)
     for it in bar:
         if used + per_iteration > args.budget:
@@ -325,7 +328,7 @@ def grpo_loop(args: WMPOArgs, real: bool):
             logs.update(val_success(policy.eval(), args))
             final_val = {k: v for k, v in logs.items() if k.startswith("val/")} if it + 1 == iterations else None
         if rank == 0:
-            wmpo.log_metrics(args.run_dir, name, logs)
+            envs.log_metrics(args.run_dir, name, logs)
             bar.set_postfix(succ=f"{logs.get('wmpo/imagined_success', logs.get('grpo/real_success')):.2f}",
                             kept=f"{logs['wmpo/kept_group_frac']:.2f}", clip=f"{logs.get('grpo/clipfrac', 0):.3f}")
             wmpo.save(policy, out_path, it + 1, real_trajectories=used)
@@ -348,7 +351,7 @@ def lifelong(args: WMPOArgs):
     and re-aligns round r-1's world and reward models on all real data so far (the same code and flags as round
     0, read from train_wm.args.json); then WMPO runs again from the current policy in the refreshed models. Each
     round writes its own files (wm.round<r>, reward.round<r>, wm_report.round<r>, policy_wmpo_r<r>)."""
-    wm_args = json.load(open(wmpo.require(os.path.join(args.run_dir, "train_wm.args.json"),
+    wm_args = json.load(open(envs.require(os.path.join(args.run_dir, "train_wm.args.json"),
                                           f"python train_wm.py --run-dir {args.run_dir}")))
     base_out = args.out
     rank, _ = ddp.dist_init()
@@ -377,7 +380,7 @@ def lifelong(args: WMPOArgs):
                "real_trajectories": sum(b["real_trajectories"] for b in paid), **res}  # cumulative, as counted
         print(f"round {r}: val real success {res['val/real_success']:.1%} "
               f"({args.val_episodes} episodes per task at T = {args.grpo.temperature:g})")
-        wmpo.log_metrics(args.run_dir, "lifelong", row)
+        envs.log_metrics(args.run_dir, "lifelong", row)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def earlier_rounds(args: Args, prefix: str) -> list[dict]:
     for t in args.tasks:
         for q in range(args.round):
             path = os.path.join(data_dir, f"{prefix}-{envs.task_name(t)}-{n}{data_suffix(q)}.safetensors")
-            eps += envs.load_episodes(wmpo.require(path, f"python train_wm.py --run-dir {args.run_dir} --round {q}"))
+            eps += envs.load_episodes(envs.require(path, f"python train_wm.py --run-dir {args.run_dir} --round {q}"))
     return eps
 
 
@@ -261,7 +261,7 @@ def check(args):
     ok = true < shuf / 3
     res = {"pusher_err_px_h8": float(true), "shuffled": float(shuf), "copy": float(copy), "pass": bool(ok),
            "wm_steps": args.wm_steps, "wall_s": time.time() - t0}
-    wmpo.atomic_write(os.path.join(args.run_dir, "check.json"),
+    envs.atomic_write(os.path.join(args.run_dir, "check.json"),
                       lambda tmp: open(tmp, "w").write(json.dumps(res, indent=1)))
     print(f"check: pusher error at h=8 {true:.2f} px with true actions, {shuf:.2f} px shuffled, "
           f"{copy:.2f} px copy-last-frame "
@@ -277,7 +277,7 @@ def main(args: Args):
         if getattr(args, k) < 0:
             setattr(args, k, v)
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
-    wmpo.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share"],
+    envs.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share"],
                      non_negative=["round"], at_least={"group_size": 2})  # advantages are within groups
     budget_split(args)  # a budget too small for the tasks fails here, before any work
     rank, world = ddp.dist_init()
@@ -291,11 +291,11 @@ def main(args: Args):
           f"wm {args.wm_steps} + {args.wm_finetune_steps}, "
           f"reward {args.reward_steps} steps; {args.explore_per_level} exploratory episodes per task and noise level")
     t_start = time.time()
-    policy_path = wmpo.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"),
+    policy_path = envs.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"),
                                f"python train_policy.py sft --run-dir {args.run_dir}")
     policy = wmpo.load(policy_path, args.device, expect="VLA").eval()
     if rank == 0:  # rank 0 collects every data set and writes every file; the others read what it saved
-        wmpo.write_args(args.run_dir, f"train_wm{sfx}", args)
+        envs.write_args(args.run_dir, f"train_wm{sfx}", args)
         collect_all(args, policy)
     ddp.barrier()
     sets = collect_all(args, policy)
@@ -306,7 +306,7 @@ def main(args: Args):
     assert budget["real_trajectories"] <= args.budget, budget
     if rank == 0:
         data = json.dumps(budget, indent=1)
-        wmpo.atomic_write(os.path.join(args.run_dir, f"budget{sfx}.json"), lambda tmp: open(tmp, "w").write(data))
+        envs.atomic_write(os.path.join(args.run_dir, f"budget{sfx}.json"), lambda tmp: open(tmp, "w").write(data))
     policy_eps = sets["rollouts"] + (earlier_rounds(args, "rollouts") if r else [])  # all real rollouts so far
     val_eps = sets["val"] + (earlier_rounds(args, "val") if r else [])
     train_eps = sets["demos"] + sets["explore"] + policy_eps
@@ -318,9 +318,9 @@ def main(args: Args):
         wm = train_world_model(args, codec, train_eps, sets["rollouts"], B)
     else:
         prev = "" if r == 1 else f".round{r - 1}"
-        codec = wmpo.load(wmpo.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device,
+        codec = wmpo.load(envs.require(os.path.join(args.run_dir, "codec.safetensors"), make), args.device,
                           expect="FrameCodec").eval()
-        wm = wmpo.load(wmpo.require(os.path.join(args.run_dir, f"wm{prev}.safetensors"), make), args.device,
+        wm = wmpo.load(envs.require(os.path.join(args.run_dir, f"wm{prev}.safetensors"), make), args.device,
                        expect="WorldModel")
         wm = train_world_model(args, codec, train_eps, policy_eps, B, wm, out=f"wm{sfx}")
     imag_world = wmpo.WorldModelEnv(wm, codec, args.device)
@@ -344,7 +344,7 @@ def main(args: Args):
         if r == 0:
             rm, steps, lr = wmpo.RewardModel(args.reward).to(args.device), args.reward_steps, args.lr
         else:
-            prev_path = wmpo.require(os.path.join(args.run_dir, f"{name}{prev}.safetensors"), make)
+            prev_path = envs.require(os.path.join(args.run_dir, f"{name}{prev}.safetensors"), make)
             rm = wmpo.load(prev_path, args.device, expect="RewardModel")
             steps, lr = max(1, args.reward_steps // 3), args.lr * 0.3
         path = os.path.join(args.run_dir, f"{name}{sfx}.safetensors")
@@ -384,9 +384,9 @@ def main(args: Args):
     rep["wall_time_s"] = time.time() - t_start
     rep["per_task"] = per_task
     data = json.dumps(rep, indent=1)
-    wmpo.atomic_write(os.path.join(args.run_dir, f"wm_report{sfx}.json"), lambda tmp: open(tmp, "w").write(data))
+    envs.atomic_write(os.path.join(args.run_dir, f"wm_report{sfx}.json"), lambda tmp: open(tmp, "w").write(data))
     md = fidelity.report_markdown(rep)
-    wmpo.atomic_write(os.path.join(args.run_dir, f"wm_report{sfx}.md"), lambda tmp: open(tmp, "w").write(md))
+    envs.atomic_write(os.path.join(args.run_dir, f"wm_report{sfx}.md"), lambda tmp: open(tmp, "w").write(md))
     fidelity.print_report(rep, args.tasks)
 
 

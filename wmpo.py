@@ -18,7 +18,6 @@ Frames are uint8 [0, 255] in data and float [-1, 1] in models.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -118,6 +117,11 @@ class PolicyConfig:
     decoding: str = "parallel"
     """parallel: every token from one pass (OpenVLA-OFT); autoregressive: token i also sees the chunk's tokens < i
     (OpenVLA's order: action by action, x then y), so a sampled chunk follows its own first choices"""
+    sampling: str = "independent"
+    """independent: each token drawn on its own; shared: one uniform draw u per action dimension per chunk, read
+    through every token's CDF (each token keeps its own marginal; the whole chunk lands at one quantile, so a group's
+    samples differ in where the chunk goes, not in per-step jitter). Parallel decoding only; GRPO's ratio then
+    uses the exact probability of the executed tokens (shared_logprob)"""
 
 
 class FiLM(nn.Module):
@@ -234,8 +238,12 @@ class VLA(nn.Module):
 
         Returns (actions (b, k, a) in [-1, 1], tokens (b, k*a), logp (b,)): logp is the exact log-probability of
         the chosen tokens under the distribution they were drawn from (softmax(logits / temperature); T=1 for
-        greedy), the sum over the chunk's K*A tokens (paper eq. 3).
+        greedy), the sum over the chunk's K*A tokens (paper eq. 3), or over its A dimensions (shared sampling).
         """
+        if self.cfg.sampling not in ("independent", "shared") or (self.cfg.sampling == "shared" and
+                                                                   self.cfg.decoding != "parallel"):
+            raise ValueError(f"sampling must be independent or shared (shared: parallel decoding only), got "
+                             f"{self.cfg.sampling!r} with {self.cfg.decoding} decoding")
         if self.cfg.decoding == "autoregressive":  # token by token, each drawn given the ones before it
             z, toks, logp, T = self.logits(frames, words), [], 0.0, temperature if temperature > 0 else 1.0
             for i in range(self.cfg.chunk * self.cfg.action_dim):
@@ -245,22 +253,31 @@ class VLA(nn.Module):
                 z = z + self.prev(toks[-1] + i * self.cfg.bins)
             tokens = torch.stack(toks, 1)
         else:
-            logits = self.logits(frames, words)
-            if temperature > 0:
-                logp_all = (logits / temperature).log_softmax(-1)
+            A, shared = self.cfg.action_dim, temperature > 0 and self.cfg.sampling == "shared"
+            logits = self.logits(frames, words) / (temperature if temperature > 0 else 1.0)
+            logp_all = logits.log_softmax(-1)
+            if shared:  # each token: the bin whose CDF interval holds its action dimension's one draw u
+                cdf = rearrange(logp_all.exp().cumsum(-1), "b (k a) v -> b k a v", a=A)
+                u = torch.rand(cdf.shape[0], 1, A, 1, device=cdf.device)
+                tokens = rearrange((cdf <= u).sum(-1).clamp(max=self.cfg.bins - 1), "b k a -> b (k a)")
+            elif temperature > 0:
                 tokens = torch.multinomial(rearrange(logp_all.exp(), "b n v -> (b n) v"), 1)
                 tokens = rearrange(tokens, "(b n) 1 -> b n", b=logits.shape[0])
             else:
-                logp_all = logits.log_softmax(-1)
                 tokens = logits.argmax(-1)
-            logp = logp_all.gather(-1, tokens[..., None])[..., 0].sum(-1)
+            logp = (shared_logprob(logits, tokens, A) if shared else logp_all.gather(-1, tokens[..., None])[..., 0])
+            logp = logp.sum(-1)
         actions = rearrange(tokens_to_action(tokens, self.cfg.bins), "b (k a) -> b k a", a=self.cfg.action_dim)
         return actions, tokens, logp
 
-    def logprob(self, frames, words, tokens, temperature: float = 1.0, per_token: bool = False):
-        """Log-probability of given tokens (b, k*a), with gradients: (b,) summed, or (b, k*a) with per_token."""
-        logp_all = (self.logits(frames, words, tokens) / max(temperature, 1e-6)).log_softmax(-1)
-        lp = logp_all.gather(-1, tokens[..., None])[..., 0]
+    def logprob(self, frames, words, tokens, temperature: float = 1.0, per_token: bool = False, mask=None):
+        """Log-probability of given tokens (b, k*a), with gradients: (b,) summed, or per unit with per_token: (b, k*a)
+        tokens, or under shared sampling (b, a) action dimensions, of the tokens with `mask` (b, k*a) True only."""
+        logits = self.logits(frames, words, tokens) / max(temperature, 1e-6)
+        if self.cfg.sampling == "shared":
+            lp = shared_logprob(logits, tokens, self.cfg.action_dim, mask)
+        else:
+            lp = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
         return lp if per_token else lp.sum(-1)
 
     def entropy(self, frames, words, temperature: float = 1.0, tokens=None):
@@ -281,6 +298,19 @@ class VLA(nn.Module):
         # within one bin either side: a finer accuracy than exact-token match for 256 bins
         near = (((logits.argmax(-1) - tokens).abs().reshape(-1) <= 2).float() * m).sum() / m.sum().clamp(min=1)
         return loss, {"sft/loss": loss.item(), "sft/token_acc": acc.item(), "sft/token_acc_2bins": near.item()}
+
+
+def shared_logprob(logits: torch.Tensor, tokens: torch.Tensor, A: int, mask: torch.Tensor | None = None):
+    """Exact log-probability of tokens drawn with one uniform u per action dimension (VLA sampling "shared"): the
+    measure of the u in every token's CDF interval [P(token < v), P(token <= v)). Tokens with mask False (actions
+    never executed) constrain nothing. logits (b, k*a, v) already divided by the temperature -> (b, a)."""
+    cdf = F.pad(logits.log_softmax(-1).exp().cumsum(-1), (1, 0))  # the sampler's own CDF, cdf[v] = P(token < v)
+    lo, hi = cdf.gather(-1, tokens[..., None])[..., 0], cdf.gather(-1, tokens[..., None] + 1)[..., 0]
+    if mask is not None:
+        lo, hi = lo.masked_fill(~mask.bool(), 0.0), hi.masked_fill(~mask.bool(), 1.0)
+    lo, hi = (rearrange(x, "b (k a) -> b k a", a=A) for x in (lo, hi))
+    # an empty intersection (the new policy no longer allows this chunk) gets a tiny probability, not log(0)
+    return (hi.min(1).values - lo.max(1).values).clamp(min=1e-12).log()
 
 
 def policy_fn(policy: VLA, temperature: float, device="cpu"):
@@ -1043,7 +1073,10 @@ def minibatch_loss(policy: VLA, obs, words, tokens, old, adv, tmask, traj, cfg: 
     here). old None: the current log-probs (ratio 1). Returns (loss, metrics)."""
     from kernels.grpo import grpo_loss
 
-    logp = policy.logprob(obs.to(device), words.to(device), tokens.to(device), cfg.temperature, per_token=True)
+    logp = policy.logprob(obs.to(device), words.to(device), tokens.to(device), cfg.temperature, per_token=True,
+                          mask=tmask.to(device))
+    if policy.cfg.sampling == "shared":  # a unit is one action dimension of a chunk: counted if any token of it ran
+        tmask = rearrange(tmask, "m (k a) -> m k a", a=policy.cfg.action_dim).any(1)
     ids = torch.unique(traj, return_inverse=True)[1].to(device)
     old = logp.detach() if old is None else old.to(device)
     return grpo_loss(logp, old, adv.to(device), tmask.to(device).float(), cfg.clip_low, cfg.clip_high, agg=cfg.agg,
@@ -1061,7 +1094,8 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
     # old log-probs: the rollout policy, at the rollout temperature (exactly what sampled the tokens)
     with torch.no_grad():
         old = torch.cat([policy.logprob(obs[i : i + 256].to(device), words[i : i + 256].to(device),
-                                        tokens[i : i + 256].to(device), cfg.temperature, per_token=True)
+                                        tokens[i : i + 256].to(device), cfg.temperature, per_token=True,
+                                        mask=tmask[i : i + 256].to(device))
                          for i in range(0, len(rows), 256)])
     logs = {k: [] for k in ["grpo/loss", "grpo/clipfrac", "grpo/approx_kl", "grpo/entropy", "grpo/grad_norm"]}
     n_traj = int(traj.max()) + 1 if len(traj) else 0
@@ -1097,16 +1131,6 @@ def grpo_update(policy: VLA, opt, batch: dict, cfg: GRPOConfig, device="cpu") ->
 # checkpoints: weights in safetensors, {"kind", "config", "step"} in its metadata; written atomically
 
 
-def atomic_write(path: str, write_fn) -> None:
-    """write_fn(tmp_path), fsync, rename: a kill at any moment leaves either the old file or the new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write_fn(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(model: nn.Module, path: str, step: int = 0, **extra) -> None:
     model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixed names
     model = getattr(model, "module", model)  # nor a DDP wrapper's
@@ -1115,7 +1139,7 @@ def save(model: nn.Module, path: str, step: int = 0, **extra) -> None:
         meta["vocab"] = json.dumps(model.text.words)
     meta.update({k: json.dumps(v) for k, v in extra.items()})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    envs.atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def read_meta(path: str) -> dict:
@@ -1188,7 +1212,7 @@ def save_train_state(path: str, optimizer, step: int, **extra) -> None:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
              "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)], **extra}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    envs.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(path: str) -> dict | None:
@@ -1235,60 +1259,8 @@ def lr_at(step: int, num_steps: int, peak: float, warmup: int = 100, floor: floa
     return float(peak * min(1.0, (step + 1) / warmup) * cosine)
 
 
-def check_flags(args, positive=(), non_negative=(), at_least: dict | None = None) -> None:
-    """Out-of-range flags stop a run before any work, with one line naming the flag (nested: --grpo.lr)."""
-    rules = [(n, ">", 0) for n in positive] + [(n, ">=", 0) for n in non_negative]
-    for name, op, low in rules + [(n, ">=", low) for n, low in (at_least or {}).items()]:
-        value = args
-        for part in name.split("."):
-            value = getattr(value, part)
-        if not (value > low if op == ">" else value >= low):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be {op} {low}, got {value}")
-
-
 MODELS = {"VLA": (VLA, PolicyConfig), "FrameCodec": (FrameCodec, CodecConfig),
           "WorldModel": (WorldModel, WorldModelConfig), "RewardModel": (RewardModel, RewardConfig)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# run-folder helpers: every step writes <step>.args.json and appends to <step>.metrics.jsonl
-
-
-WANDB = {}  # step name -> an open wandb run, when a script was started with --wandb
-
-
-def write_args(run_dir: str, step_name: str, args) -> None:
-    """DIR/<step>.args.json; with --wandb also opens a Weights & Biases run (imported only then; WANDB_MODE=offline
-    logs without a network) that log_metrics mirrors to."""
-    os.makedirs(run_dir, exist_ok=True)
-    data = json.dumps(asdict(args), indent=2, default=str)
-    atomic_write(os.path.join(run_dir, f"{step_name}.args.json"), lambda tmp: open(tmp, "w").write(data))
-    if getattr(args, "wandb", False):
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --wandb needs the wandb package (pip install wandb), "
-                             "which is not in requirements.txt") from None
-        WANDB[step_name] = wandb.init(project="wmpo", name=f"{os.path.basename(os.path.abspath(run_dir))}/{step_name}",
-                                      dir=run_dir, config=json.loads(data), reinit=True)
-
-
-def log_metrics(run_dir: str, step_name: str, metrics: dict) -> None:
-    for k, v in metrics.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise FloatingPointError(f"{step_name}: metric {k} is {v} at step {metrics.get('step')}; stopping, "
-                                     f"the last good checkpoint in {run_dir} is kept")
-    with open(os.path.join(run_dir, f"{step_name}.metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if step_name in WANDB:
-        WANDB[step_name].log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-
-def require(path: str, command: str) -> str:
-    """Stop with a message naming the command that makes a missing run-folder input."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found; make it first with: {command}")
-    return path
 
 
 def shift_augment(frames: torch.Tensor, pad: int = 3, shifts: torch.Tensor | None = None) -> torch.Tensor:

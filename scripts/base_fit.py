@@ -67,7 +67,7 @@ def fit_numbers(policy: wmpo.VLA, episodes: list[dict], temperature: float) -> d
 
 
 def main(args: Args):
-    policy = wmpo.load(wmpo.require(os.path.join(args.run_dir, f"{args.checkpoint}.safetensors"),
+    policy = wmpo.load(envs.require(os.path.join(args.run_dir, f"{args.checkpoint}.safetensors"),
                                     f"python train_policy.py sft --run-dir {args.run_dir}"), expect="VLA").eval()
     rows = []
     for task in args.tasks:

@@ -62,7 +62,7 @@ def main(args: Args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.run_dir:
-        policy = wmpo.load(wmpo.require(os.path.join(args.run_dir, "policy_sft.safetensors"),
+        policy = wmpo.load(envs.require(os.path.join(args.run_dir, "policy_sft.safetensors"),
                                         f"python train_policy.py sft --run-dir {args.run_dir}"), expect="VLA").eval()
         world = wmpo.load_world(args.run_dir, reward_model="reward", starts=wmpo.first_frames(args.run_dir, args.task))
     else:

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ class Args:
     """rollout temperature"""
     execute: int = -1
     """actions run per chunk (-1: the checkpoint's)"""
+    sampling: Literal["", "independent", "shared"] = ""
+    """how a chunk's tokens are drawn (PolicyConfig.sampling; empty: the checkpoint's)"""
     groups: int = 16
     """initial states per batch (G samples each): GRPO's batch per task is 8"""
     batches: int = 4
@@ -265,7 +268,8 @@ def measure(args: Args, policy, task: str) -> dict:
         for k, a in [("real", b["rows"]["adv"]), ("perm", adv_perm)]:
             grads[k].append(policy_gradient(policy, b["rows"], rows, a, args.grpo, "cpu"))
     out = {"label": args.label, "task": task, "checkpoint": args.checkpoint, "temperature": args.temperature,
-           "execute": E, "agg": args.grpo.agg, "trajectories": len(success), "batches": args.batches,
+           "execute": E, "sampling": policy.cfg.sampling, "agg": args.grpo.agg, "trajectories": len(success),
+           "batches": args.batches,
            "success": success.mean().item(), "groups_all_fail": (means == 0).float().mean().item(),
            "groups_all_success": (means == 1).float().mean().item(), "groups_mixed": keep.float().mean().item(),
            "spread_first_action": spread, "greedy_gap_first_action": gap,
@@ -292,10 +296,11 @@ def measure(args: Args, policy, task: str) -> dict:
 
 
 def main(args: Args):
-    policy = wmpo.load(wmpo.require(os.path.join(args.run_dir, f"{args.checkpoint}.safetensors"),
+    policy = wmpo.load(envs.require(os.path.join(args.run_dir, f"{args.checkpoint}.safetensors"),
                                     f"python train_policy.py sft --run-dir {args.run_dir}"), expect="VLA")
     if args.execute > 0:
         policy.cfg.execute = min(args.execute, policy.cfg.chunk)
+    policy.cfg.sampling = args.sampling or policy.cfg.sampling
     args.grpo.temperature = args.temperature  # the loss's log-probs are those of the rollout distribution
     torch.manual_seed(args.seed)
     policy.train()

@@ -117,6 +117,47 @@ def test_autoregressive_decoding_is_a_distribution_over_whole_chunks():
     assert torch.equal(g1, g2)
 
 
+def shared_dim_probs(p):
+    """Reference for shared sampling, by enumeration: one action dimension's K token distributions p (k, v), read
+    at one uniform u -> {tuple of K tokens: probability}, from the segments between every CDF breakpoint."""
+    cdf = p.double().cumsum(-1)
+    cuts = torch.cat([torch.zeros(1, dtype=torch.float64), cdf.flatten(), torch.ones(1, dtype=torch.float64)]).sort()[0]
+    out = {}
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        if hi > lo:
+            mid = (lo + hi) / 2
+            key = tuple(int((cdf[k] <= mid).sum()) for k in range(len(p)))
+            out[key] = out.get(key, 0.0) + hi - lo
+    return out
+
+
+def test_shared_sampling_is_exact_and_keeps_every_tokens_marginal():
+    torch.manual_seed(0)
+    pol = wmpo.VLA(wmpo.PolicyConfig(chunk=2, bins=3, width=8, keypoints=8, text_dim=16, hidden=64, sampling="shared"))
+    torch.nn.init.normal_(pol.head[-1].bias, std=1.0)  # distinct, non-uniform distributions per token
+    T, f, w = 0.8, frames(1), wmpo.tokenize(["go to the red pad"], wmpo.VOCAB)
+    combos = torch.tensor(list(itertools.product(range(3), repeat=4)))  # (k a) order: x0 y0 x1 y1
+    lp = pol.logprob(f.expand(81, -1, -1, -1), w.expand(81, -1), combos, T).detach()
+    p = (pol.logits(f, w)[0] / T).softmax(-1).detach()  # (k*a, v)
+    ref = [shared_dim_probs(p[a::2]) for a in range(2)]
+    expect = torch.tensor([ref[0].get((c[0], c[2]), 0.0) * ref[1].get((c[1], c[3]), 0.0) for c in combos.tolist()],
+                          dtype=torch.float64)
+    torch.testing.assert_close(lp.exp().double(), expect, atol=1e-6, rtol=0)
+    assert abs(expect.sum().item() - 1) < 1e-6 and (expect == 0).sum() > 0  # some chunks cannot be drawn together
+    n = 20_000
+    torch.manual_seed(1)
+    _, tokens, logp = pol.act(f.expand(n, -1, -1, -1), w.expand(n, -1), T)
+    freq = (tokens[:, None] == combos[None]).all(-1).double().mean(0)
+    assert (freq - expect).abs().max() < 0.015  # the sampler draws each chunk at its exact probability
+    marg = torch.stack([(tokens == v).double().mean(0) for v in range(3)], -1)  # (k*a, v): each token on its own
+    assert (marg - p.double()).abs().max() < 0.015
+    torch.testing.assert_close(logp[:100], lp[(tokens[:100, None] == combos[None]).all(-1).float().argmax(1)])
+    # a masked token constrains nothing: with chunk step 1 masked, a dimension's probability is step 0's token's
+    mask = torch.tensor([[True, True, False, False]]).expand(81, -1)
+    lp0 = pol.logprob(f.expand(81, -1, -1, -1), w.expand(81, -1), combos, T, per_token=True, mask=mask).detach()
+    torch.testing.assert_close(lp0, p[:2].log()[torch.arange(2), combos[:, :2]], atol=1e-5, rtol=0)
+
+
 def test_greedy_is_deterministic_and_argmax():
     pol = tiny_policy()
     f, w = frames(3), wmpo.tokenize(["go to the red pad"] * 3, wmpo.VOCAB)
@@ -459,8 +500,29 @@ def test_masked_chunks_get_no_gradient():
     assert torch.equal(states[0], states[1])
 
 
-def test_masked_actions_inside_a_chunk_get_no_gradient():
-    # success on frame 3 of a chunk: actions 3..7 never ran, so their tokens must not move the policy
+def test_grpo_with_shared_sampling_moves_a_chunk_in_the_sign_of_its_advantage():
+    # the exact chunk probability is a width of CDF intervals (not smooth in bulk), so one chunk per update
+    f, w = frames(1), wmpo.tokenize(["go to the red pad"], wmpo.VOCAB)
+    for adv in [1.0, -1.0]:
+        torch.manual_seed(0)
+        pol = wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, bins=16, sampling="shared"))
+        _, tokens, _ = pol.act(f, w, 1.0)
+        before = pol.logprob(f, w, tokens).item()
+        batch = {"obs": f, "words": w, "tokens": tokens, "adv": torch.tensor([adv]), "mask": torch.ones(1, dtype=bool),
+                 "token_mask": torch.ones(1, 16, dtype=torch.bool)}
+        logs = wmpo.grpo_update(pol, torch.optim.SGD(pol.parameters(), lr=1e-3), batch,
+                                wmpo.GRPOConfig(minibatches=1, epochs=1, temperature=1.0))
+        assert (pol.logprob(f, w, tokens).item() - before) * adv > 0 and logs["grpo/tokens"] == 16
+
+
+@pytest.mark.parametrize("sampling", ["independent", "shared"])
+def test_masked_actions_inside_a_chunk_get_no_gradient(sampling):
+    # success on frame 3 of a chunk: actions 3..7 never ran, so their tokens must not move the policy (shared
+    # sampling: nor narrow the interval its executed tokens' draw lies in)
+    def tiny_policy():
+        torch.manual_seed(0)
+        return wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, sampling=sampling))
+
     pol = tiny_policy()
     f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
     _, tokens, _ = pol.act(f, w, 1.0)
