@@ -721,7 +721,7 @@ def load_world(run_dir: str, device="cpu", world_model: str = "wm", reward_model
     GRPO's world (start, judge); world_model / reward_model name checkpoints (lifelong round r: wm.round<r>)."""
     make = f"python train_wm.py --run-dir {run_dir}"
     get = lambda name, kind: load(  # noqa: E731
-        require(os.path.join(run_dir, f"{name}.safetensors"), make), device, expect=kind).eval()
+        envs.require(os.path.join(run_dir, f"{name}.safetensors"), make), device, expect=kind).eval()
     reward = get(reward_model, "RewardModel") if reward_model else None
     return WorldModelEnv(get(world_model, "WorldModel"), get("codec", "FrameCodec"), device, reward, starts)
 
@@ -964,7 +964,7 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
         opt.zero_grad(set_to_none=True)
         logs.update(step=step, stage=stage, dt=time.time() - t0)
         if rank == 0:
-            log_metrics(run_dir, log_name, logs)
+            envs.log_metrics(run_dir, log_name, logs)
             bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if "/" in k})
             if (step + 1) % eval_every == 0 or step + 1 == num_steps:
                 save(model, path, step + 1)
