@@ -624,7 +624,6 @@ def save_episodes(path: str, episodes: list[dict], **meta) -> None:
         "episodes": [{"instruction": ep["instruction"], "seed": int(ep["seed"])} for ep in episodes],
         **meta,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"wmpo": json.dumps(header)}))
 
 

@@ -14,9 +14,9 @@ import envs
 import wmpo
 
 
-def tiny_policy(seed=0):
+def tiny_policy(seed=0, sampling="independent"):
     torch.manual_seed(seed)
-    return wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64))
+    return wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, sampling=sampling))
 
 
 def frames(b, seed=0):
@@ -519,11 +519,7 @@ def test_grpo_with_shared_sampling_moves_a_chunk_in_the_sign_of_its_advantage():
 def test_masked_actions_inside_a_chunk_get_no_gradient(sampling):
     # success on frame 3 of a chunk: actions 3..7 never ran, so their tokens must not move the policy (shared
     # sampling: nor narrow the interval its executed tokens' draw lies in)
-    def tiny_policy():
-        torch.manual_seed(0)
-        return wmpo.VLA(wmpo.PolicyConfig(width=8, keypoints=8, text_dim=16, hidden=64, sampling=sampling))
-
-    pol = tiny_policy()
+    pol = tiny_policy(sampling=sampling)
     f, w = frames(2), wmpo.tokenize(["go to the red pad"] * 2, wmpo.VOCAB)
     _, tokens, _ = pol.act(f, w, 1.0)
     tmask = wmpo.action_mask(torch.tensor([3, 3]), n_chunks=1, K=8, A=2)[:, 0]  # (2, 16)
@@ -533,7 +529,7 @@ def test_masked_actions_inside_a_chunk_get_no_gradient(sampling):
         t = tokens.clone()
         if flip:
             t[~tmask] = (t[~tmask] + 17) % 256
-        p = tiny_policy()
+        p = tiny_policy(sampling=sampling)
         p.load_state_dict(pol.state_dict())
         wmpo.grpo_update(p, torch.optim.SGD(p.parameters(), lr=cfg.lr), {"obs": f, "words": w, "tokens": t,
                          "adv": torch.tensor([1.0, -1.0]), "mask": torch.ones(2, dtype=torch.bool), "token_mask": tmask}, cfg)
