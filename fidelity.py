@@ -213,6 +213,17 @@ def imagined_fps(world, batch=64) -> float:
     return batch * world.chunk / (time.time() - t0)
 
 
+def real_env_steps_per_s(task: str, steps: int = 200) -> float:
+    """The simulator's single-env speed on the same machine, the baseline beside imagined_fps."""
+    env = envs.make(task)
+    env.reset(seed=0)
+    t0 = time.time()
+    for _ in range(steps):
+        env.step(env.action_space.sample())
+    env.close()
+    return steps / (time.time() - t0)
+
+
 def mean_over_tasks(per_task: dict) -> dict:
     """Top-level keys: the mean over tasks (per horizon for curves, over the tasks that have a value)."""
     out = {}

@@ -88,6 +88,9 @@ class Args:
     """peak learning rate (warm-up 100 steps, cosine to 0.1x); unrolled stages use 0.4x"""
     curriculum: tuple[float, float, float] = (0.25, 0.4, 0.55)
     """fractions of --wm-steps where the unroll length switches 1 -> 2 -> 4 -> 8"""
+    window_chunks: int = 1
+    """chunks per window in the unrolled stages: each chunk's context is made from the one before it exactly as in
+    imagination (WorldModelConfig.context_from); teacher forcing keeps one chunk"""
     motion_windows: float = 0.5
     """fraction of world-model windows whose future holds block motion (contact is rare in uniform windows)"""
     reward_imagined: float = 0.5
@@ -106,7 +109,6 @@ PRESETS = {
     "small": dict(explore_per_level=200, codec_steps=3000, wm_steps=5000, wm_finetune_steps=500, reward_steps=2000),
     "gpu": dict(explore_per_level=600, codec_steps=20000, wm_steps=40000, wm_finetune_steps=4000, reward_steps=8000),
 }
-
 
 
 def budget_split(args: Args) -> tuple[int, int]:
@@ -136,9 +138,8 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
             n = args.explore_per_level
             sets["explore"] += envs.collect_cached(
                 os.path.join(data_dir, f"explore-{name}-{noise:g}-{n}.safetensors"), task,
-                envs.expert_policy(noise, seed=i),
-                envs.seeds("explore", task, n, start=i * 2000), f"explore {name} σ={noise}",
-                policy=f"expert+noise {noise}")
+                envs.expert_policy(noise, seed=i), envs.seeds("explore", task, n, start=i * 2000),
+                f"explore {name} σ={noise}", policy=f"expert+noise {noise}")
         if policy is None:  # --check: noisy-expert data only
             continue
         sets["rollouts"] += envs.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{n_roll}{sfx}.safetensors"),
@@ -200,16 +201,17 @@ def train_world_model(args, codec, train_eps, policy_eps, B, wm=None, out="wm"):
         bounds = [int(f * args.wm_steps) for f in args.curriculum]
         unroll_at = lambda step: [0, 2, 4, 8][sum(step >= b for b in bounds)]  # noqa: E731
         wm = wmpo.WorldModel(args.wm).to(args.device)
-        wm = fit(wm, "wm_pretrain", args.wm_steps, lambda net, step: net(*w_all.sample(B), unroll_at(step)), args.lr,
-                 "wm",
+        chunks = lambda step: 1 if unroll_at(step) == 0 else args.window_chunks  # noqa: E731
+        wm = fit(wm, "wm_pretrain", args.wm_steps,
+                 lambda net, step: net(*w_all.sample(B, chunks(step)), unroll_at(step), codec), args.lr, "wm",
                  lr_mult=lambda step: 1.0 if unroll_at(step) == 0 else 0.4)
     if policy_eps and args.wm_finetune_steps > 0:
         w_pol = windows(policy_eps)
 
         def aligned(net, step):  # 3/4 policy rollouts, 1/4 everything else (no forgetting of rarer contacts)
-            zp, ap = w_pol.sample(3 * B // 4)
-            za, aa = w_all.sample(B - len(zp))
-            return net(torch.cat([zp, za]), torch.cat([ap, aa]), 8)
+            zp, ap = w_pol.sample(3 * B // 4, args.window_chunks)
+            za, aa = w_all.sample(B - len(zp), args.window_chunks)
+            return net(torch.cat([zp, za]), torch.cat([ap, aa]), 8, codec)
 
         wm = fit(wm.train().requires_grad_(True), out, args.wm_finetune_steps, aligned, args.lr * 0.3,
                  f"wm-align{suffix(args)}")
@@ -264,8 +266,7 @@ def check(args):
     envs.atomic_write(os.path.join(args.run_dir, "check.json"),
                       lambda tmp: open(tmp, "w").write(json.dumps(res, indent=1)))
     print(f"check: pusher error at h=8 {true:.2f} px with true actions, {shuf:.2f} px shuffled, "
-          f"{copy:.2f} px copy-last-frame "
-          f"-> {'PASS' if ok else 'FAIL'} (true < shuffled / 3), {res['wall_s']:.0f} s")
+          f"{copy:.2f} px copy-last-frame -> {'PASS' if ok else 'FAIL'} (true < shuffled / 3), {res['wall_s']:.0f} s")
     if not ok:
         raise SystemExit(1)
 
@@ -277,8 +278,8 @@ def main(args: Args):
         if getattr(args, k) < 0:
             setattr(args, k, v)
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
-    envs.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share"],
-                     non_negative=["round"], at_least={"group_size": 2})  # advantages are within groups
+    envs.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share",
+                                     "window_chunks"], non_negative=["round"], at_least={"group_size": 2})
     budget_split(args)  # a budget too small for the tasks fails here, before any work
     rank, world = ddp.dist_init()
     if args.batch_size % world:
@@ -287,9 +288,9 @@ def main(args: Args):
     torch.manual_seed(args.seed + rank)  # ranks draw different windows and noise: together, one global batch
     np.random.seed(args.seed + rank)
     sfx, r = suffix(args), args.round
-    print(f"train_wm{sfx}: preset {args.preset}: codec {args.codec_steps}, "
-          f"wm {args.wm_steps} + {args.wm_finetune_steps}, "
-          f"reward {args.reward_steps} steps; {args.explore_per_level} exploratory episodes per task and noise level")
+    print(f"train_wm{sfx}: preset {args.preset}: codec {args.codec_steps}, wm {args.wm_steps} + "
+          f"{args.wm_finetune_steps}, reward {args.reward_steps} steps; {args.explore_per_level} exploratory "
+          "episodes per task and noise level")
     t_start = time.time()
     policy_path = envs.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"),
                                f"python train_policy.py sft --run-dir {args.run_dir}")
@@ -374,13 +375,7 @@ def main(args: Args):
     rep["trajectories"] = sum(r["trajectories"] for r in per_task.values())
     rep["real_budget"] = budget  # what P paid for (budget.json)
     rep["imagined_frames_per_s"] = fidelity.imagined_fps(imag_world)
-    env = envs.make(args.tasks[0])
-    env.reset(seed=0)
-    t0 = time.time()
-    for _ in range(200):
-        env.step(env.action_space.sample())
-    rep["real_env_steps_per_s"] = 200 / (time.time() - t0)
-    env.close()
+    rep["real_env_steps_per_s"] = fidelity.real_env_steps_per_s(args.tasks[0])
     rep["wall_time_s"] = time.time() - t_start
     rep["per_task"] = per_task
     data = json.dumps(rep, indent=1)

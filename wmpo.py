@@ -440,6 +440,10 @@ class WorldModelConfig:
     """extra loss weight on latent cells that change (moving pixels are ~1% of a frame: copy is a deep minimum)"""
     gate: bool = False
     """multiply the residual by a predicted per-cell gate in (0, 1): a cell nothing touches can copy itself exactly"""
+    context_from: str = "frames"
+    """what a generated chunk becomes as the next chunk's context, in imagination and in unrolled training alike:
+    frames (decoded, quantised to uint8 and re-encoded: back on the codec's manifold, a decode + encode per chunk)
+    or latents (the model's own predictions, no codec in the loop)"""
 
     @property
     def frame_tokens(self) -> int:
@@ -515,6 +519,8 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
+        if cfg.context_from not in ("frames", "latents"):
+            raise ValueError(f"WorldModelConfig.context_from must be 'frames' or 'latents', got {cfg.context_from!r}")
         self.cfg = cfg
         c, w, d, f = cfg.latent_ch, cfg.width, cfg.d, cfg.history * cfg.action_dim
         self.act_mlp = nn.Sequential(nn.Linear(f, 64), nn.SiLU(), nn.Linear(64, f))
@@ -568,7 +574,7 @@ class WorldModel(nn.Module):
         if self.cfg.gate:  # (n, c + 1, h, w): the last channel says where anything changes at all
             res = res[:, :-1] * torch.sigmoid(res[:, -1:])
         res = res.clamp(-self.cfg.max_residual, self.cfg.max_residual)
-        return z + rearrange(res, "(b t) c h w -> b t c h w", b=b)
+        return (z + rearrange(res, "(b t) c h w -> b t c h w", b=b)).clamp(-1, 1)  # the codec's range (tanh)
 
     def next_latents(self, z, z_prev, af, caches=None, t0: int = 0):
         """The prediction of frame t+1 for each given frame t. z (b, t, ...) the frames, z_prev their predecessors,
@@ -601,13 +607,38 @@ class WorldModel(nn.Module):
             last = inp
         return torch.cat(preds, 1)
 
-    def forward(self, z, actions, unroll: int = 0):
+    def next_context(self, ctx, chunk, codec=None, pixels=None):
+        """The C context latents after a generated chunk (b, K, c, h, w): the last C of ctx + chunk, the chunk as
+        cfg.context_from says (frames: through uint8 pixels, rounded with a straight-through gradient; `pixels`, the
+        chunk already decoded, saves imagination a second decode)."""
+        if self.cfg.context_from == "frames":
+            if codec is None:
+                raise ValueError("context_from='frames' re-encodes each chunk's frames: pass the codec")
+            x = (codec.decode(chunk) if pixels is None else pixels).clamp(-1, 1)
+            x = x + (((x + 1) * 127.5).round() / 127.5 - 1 - x).detach()  # what encode(to_uint8(x)) sees
+            chunk = torch.tanh(codec.enc(rearrange(x, "b k c h w -> (b k) c h w"))).reshape(chunk.shape)
+        return torch.cat([ctx, chunk], 1)[:, -self.cfg.context :]
+
+    def imagine(self, z_ctx, ctx_actions, actions, z_real=None, reset_every: int = 0, codec=None):
+        """n chunks as WorldModelEnv.step generates them: each unrolled after the last C context frames, then turned
+        into the next context (next_context). z_ctx (b, C, c, h, w), ctx_actions (b, C-1, a), actions (b, n*K, a);
+        z_real, reset_every as in unroll. Returns (b, n*K, c, h, w)."""
+        C, K, n, preds = self.cfg.context, self.cfg.chunk, actions.shape[1], []
+        acts = torch.cat([ctx_actions, actions], 1)  # acts[:, i]: the action taken at frame i
+        for lo in range(0, n, K):
+            real = None if z_real is None else z_real[:, lo : lo + K]
+            preds.append(self.unroll(z_ctx, acts[:, lo : lo + C - 1], actions[:, lo : lo + K], real, reset_every))
+            if lo + K < n:
+                z_ctx = self.next_context(z_ctx, preds[-1], codec)
+        return torch.cat(preds, 1)
+
+    def forward(self, z, actions, unroll: int = 0, codec=None):
         """Loss on a window. z (b, C+n*K, c, h, w) clean latents, actions (b, C+n*K, a): actions[:, i] taken at
         frame i (the last is unused). unroll = 0: teacher forcing, one parallel pass predicting every frame from the
-        real ones before it. unroll = H > 0: the first C frames are real, the n*K after are generated chunk by chunk
-        as in imagination (each chunk's context = the last C frames so far, generated ones included), from the
-        model's own predictions, reset to the real frame every H steps inside a chunk. Returns (loss, logs)."""
-        C, K = self.cfg.context, self.cfg.chunk
+        real ones before it. unroll = H > 0: the first C frames are real, the n*K after are generated as in
+        imagination (`imagine`; codec for context_from='frames'), from the model's own predictions, reset to the
+        real frame every H steps inside a chunk. Returns (loss, logs)."""
+        C = self.cfg.context
         noisy = z + self.cfg.ctx_noise * torch.randn_like(z)  # generated context is never exact
         if unroll <= 0:
             af = self.action_features(actions[:, :-1])
@@ -615,12 +646,7 @@ class WorldModel(nn.Module):
             pred, _ = self.next_latents(noisy[:, :-1], z_prev, af)
             target, base = z[:, 1:], z[:, :-1]
         else:
-            ctx, ctx_a, preds = noisy[:, :C], actions[:, : C - 1], []
-            for lo in range(C, z.shape[1], K):  # lo: index of the chunk's first generated frame
-                preds.append(self.unroll(ctx, ctx_a, actions[:, lo - 1 : lo - 1 + K], noisy[:, lo : lo + K], unroll))
-                ctx = torch.cat([ctx, preds[-1]], 1)[:, -C:]
-                ctx_a = actions[:, lo + K - C : lo + K - 1]
-            pred = torch.cat(preds, 1)
+            pred = self.imagine(noisy[:, :C], actions[:, : C - 1], actions[:, C - 1 : -1], noisy[:, C:], unroll, codec)
             target, base = z[:, C:], z[:, C - 1 : -1]
         # cells where the real frame changes (any channel) weigh motion_weight more: moving pixels are few
         moving = ((target - base).abs().amax(2, keepdim=True) > 0.05).float()
@@ -630,20 +656,19 @@ class WorldModel(nn.Module):
         ratio = err.mean() / copy.clamp(min=1e-8)  # < 1: better than copying the last frame
         return loss, {"wm/loss": loss.item(), "wm/mse": err.mean().item(), "wm/mse_vs_copy": ratio.item()}
 
-    predict = torch.no_grad()(unroll)  # a sample is the deterministic unroll, without gradients
+    predict = torch.no_grad()(imagine)  # a sample is the deterministic unroll, without gradients
 
 
 class WorldModelEnv:
     """The world model as a batched env, with the real env's interface (envs.RealChunkEnv): start / reset, step, judge.
 
     reset(frames, instructions) starts from given real frames; step(actions (b, E, a)) -> the E next frames uint8
-    (b, E, h, w, c), any E. Imagination takes the path training takes (`WorldModel.unroll`): C context latents, then
-    up to K generated ones, each fed back with the KV cache. The unroll state lives across `step` calls, so four
-    calls of 2 actions give exactly the frames of one call of 8 (GRPO steps E = PolicyConfig.execute actions at a
-    time; restarting the context at every call was a path training never takes). After K generated frames they are
-    decoded, quantised to uint8 (what the policy sees) and re-encoded as the next context, keeping the context on
-    the codec's data manifold, as train_wm.py's chunk-by-chunk replays do. For GRPO, `starts` (real first frames uint8
-    (n, h, w, c) and their instructions) is the pool start() draws initial states from, and judge() scores a
+    (b, E, h, w, c), any E. Imagination takes the path unrolled training takes (`WorldModel.imagine`): C context
+    latents, then up to K generated ones, each fed back with the KV cache; the K frames then become the next context
+    (`WorldModel.next_context`). The unroll state lives across `step` calls, so four calls of 2 actions give exactly
+    the frames of one call of 8 (GRPO steps E = PolicyConfig.execute actions at a time; restarting the context at
+    every call was a path training never takes). For GRPO, `starts` (real first frames uint8 (n, h, w, c) and
+    their instructions) is the pool start() draws initial states from, and judge() scores a
     trajectory's frames with the reward model: GRPO runs the same code in imagination and in the real env."""
 
     real_trajectories = 0  # imagination draws nothing from the real env: the budget P counts none of it
@@ -674,7 +699,8 @@ class WorldModelEnv:
 
     def new_chunk(self):
         """Start a K-frame unroll after the current context: no actions, frames or KV cache yet."""
-        self.chunk_actions, self.chunk_frames, self.caches, self.last, self.pred = [], [], None, None, None
+        self.chunk_actions, self.chunk_latents, self.chunk_pixels, self.caches = [], [], [], None
+        self.last, self.pred = None, None
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:
@@ -684,9 +710,9 @@ class WorldModelEnv:
         C, K, wm = self.wm.cfg.context, self.wm.cfg.chunk, self.wm
         out = []
         for a in actions.unbind(1):
-            if len(self.chunk_actions) == K:  # the chunk is complete: its frames, re-encoded, are the next context
-                chunk = torch.stack(self.chunk_frames, 1)
-                self.ctx = torch.cat([self.ctx, self.codec.encode(chunk)], 1)[:, -C:]
+            if len(self.chunk_actions) == K:  # the chunk is complete: it becomes the next context, as in training
+                self.ctx = wm.next_context(self.ctx, torch.cat(self.chunk_latents, 1), self.codec,
+                                           torch.cat(self.chunk_pixels, 1))
                 self.ctx_actions = torch.cat([self.ctx_actions, torch.stack(self.chunk_actions, 1)], 1)[:, -(C - 1) :]
                 self.new_chunk()
             j = len(self.chunk_actions)
@@ -700,8 +726,9 @@ class WorldModelEnv:
                 af_j = af[:, C - 1 + j : C + j]
                 nxt, self.caches = wm.next_latents(self.pred, self.last, af_j, self.caches, C + j - 1)
                 self.pred, self.last = nxt, self.pred
-            self.chunk_frames.append(self.codec.to_uint8(self.codec.decode(self.pred))[:, 0])  # (b, h, w, c)
-            out.append(self.chunk_frames[-1])
+            self.chunk_latents.append(self.pred)
+            self.chunk_pixels.append(self.codec.decode(self.pred))  # (b, 1, c, h, w)
+            out.append(self.codec.to_uint8(self.chunk_pixels[-1])[:, 0])  # (b, h, w, c)
         return torch.stack(out, 1)
 
     @torch.no_grad()
@@ -869,16 +896,17 @@ class Windows:
                   for i, e in enumerate(episodes) if len(m := envs.block_motion(e))]
         self.moving = np.concatenate(moving) if moving else self.frames
 
-    def sample(self, B: int):
-        zs, acts = [], []
+    def sample(self, B: int, chunks: int = 1):
+        """B windows of C + chunks * K frames: (b, t, c, h, w) latents, (b, t, a) actions."""
+        zs, acts, n = [], [], self.K * chunks
         n_motion = int(round(B * self.motion))
         for j in range(B):
             pool = self.moving if j < n_motion else self.frames
             i, f = pool[np.random.randint(len(pool))]
             z, a = self.z[i], self.a[i]  # (T+1, c, h, w), (T+1, a) with a zero last row
             T = len(z)
-            s = f - self.C - np.random.randint(self.K)  # the target lands anywhere in the future part
-            pos = np.arange(s, s + self.C + self.K)
+            s = f - self.C - np.random.randint(n)  # the target lands anywhere in the future part
+            pos = np.arange(s, s + self.C + n)
             idx = np.clip(pos, 0, T - 1)
             act = torch.where(torch.from_numpy((pos >= 0) & (pos < T - 1))[:, None].to(a.device), a[idx], 0.0)
             zs.append(z[idx])

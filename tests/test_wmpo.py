@@ -1,5 +1,6 @@
 """wmpo.py: the policy, codec, world model, reward model and GRPO pieces, checked against their definitions."""
 
+import dataclasses
 import itertools
 import math
 import os
@@ -257,9 +258,9 @@ def test_checkpoint_keeps_its_vocabulary_when_the_templates_grow(tmp_path, monke
 WM_CFG = wmpo.WorldModelConfig(width=16, d=32, n_head=1, n_layer=1)
 
 
-def random_wm(seed=0, scale=0.05):
+def random_wm(seed=0, scale=0.05, **cfg):
     torch.manual_seed(seed)
-    wm = wmpo.WorldModel(WM_CFG)
+    wm = wmpo.WorldModel(dataclasses.replace(WM_CFG, **cfg))
     for p in wm.parameters():
         p.data += scale * torch.randn_like(p)  # leave the zero init so every path matters
     return wm
@@ -362,7 +363,7 @@ def test_load_world_round_trip(tmp_path):
         wmpo.load_world(str(tmp_path / "nothing"))
 
 
-@pytest.mark.parametrize("split", [[2] * 10, [3, 5, 1, 7, 4]])
+@pytest.mark.parametrize("split", [[3, 5, 1, 7, 4]])  # E = 2 splits: test_training_unroll_and_imagination_...
 def test_step_splits_give_the_same_frames_as_one_unroll(split):
     # GRPO steps E actions at a time; the frames must be those of one call (the path training unrolls), and inside
     # a chunk they must be WorldModel.unroll's own prediction decoded (no context restart, no re-encoding)
@@ -385,6 +386,38 @@ def test_step_splits_give_the_same_frames_as_one_unroll(split):
     other = acts.clone()
     other[:, 11:] = -other[:, 11:]
     assert torch.equal(world.step(other)[:, :11], ref[:, :11])
+
+
+@pytest.mark.parametrize("context_from", ["frames", "latents"])
+def test_training_unroll_and_imagination_take_one_path(context_from):
+    # train_wm.py's unrolled loss runs WorldModel.imagine over windows of several chunks; GRPO's imagination runs
+    # WorldModelEnv.step, E actions at a time. Across chunk boundaries both must make the same next context (the
+    # re-encoded frames or the model's own latents), so what is trained is exactly what is imagined.
+    torch.manual_seed(0)
+    codec, wm = wmpo.FrameCodec(wmpo.CodecConfig(width=8)).eval(), random_wm(context_from=context_from).eval()
+    C, K = WM_CFG.context, WM_CFG.chunk
+    f0, acts = frames(2), torch.rand(2, K + 3, 2) * 2 - 1  # across one chunk boundary
+    world = wmpo.WorldModelEnv(wm, codec)
+    world.reset(f0, ["go to the red pad"] * 2)
+    stepped = torch.cat([world.step(acts[:, s : s + 2]) for s in range(0, acts.shape[1], 2)], 1)
+    z0 = repeat(codec.encode(f0), "b c h w -> b t c h w", t=C)  # a rollout's start: frame 0 at rest
+    z = wm.predict(z0, torch.zeros(2, C - 1, 2), acts, codec=codec)
+    trained = codec.to_uint8(codec.decode(z))
+    assert (stepped.int() - trained.int()).abs().max() <= 1
+    # the boundary is a real choice: the other one gives other frames after the first chunk
+    other = random_wm(context_from="latents" if context_from == "frames" else "frames").eval()
+    z_other = other.predict(z0, torch.zeros(2, C - 1, 2), acts, codec=codec)
+    assert torch.equal(z_other[:, :K], z[:, :K]) and (z_other[:, K:] - z[:, K:]).abs().max() > 1e-3
+    # training's gradient crosses the chunk boundary (through the frozen codec, rounding straight-through): the
+    # second chunk sees the window's real context only through the first chunk's predictions (C < K)
+    ctx = z0.detach().requires_grad_(True)
+    wm.imagine(ctx, torch.zeros(2, C - 1, 2), acts, codec=codec)[:, K:].square().sum().backward()
+    assert ctx.grad.abs().sum() > 0
+    zw, aw = torch.randn(2, C + K + 3, 8, 16, 16).tanh(), torch.rand(2, C + K + 3, 2) * 2 - 1
+    assert math.isfinite(wm(zw, aw, K, codec)[0].item())
+    if context_from == "frames":
+        with pytest.raises(ValueError, match="pass the codec"):
+            wm(zw, aw, K)
 
 
 def test_world_model_env_matches_real_chunk_env_shapes():
