@@ -187,6 +187,30 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
     return rep, gif
 
 
+def group_census(success: np.ndarray, G: int) -> dict:
+    """Shares of GRPO groups (G consecutive outcomes) that all fail, all succeed (no signal) or are mixed."""
+    k = rearrange(success.astype(np.int64), "(b g) -> b g", g=G).sum(1)
+    return {"all_fail": float((k == 0).mean()), "all_success": float((k == G).mean()),
+            "mixed": float(((k > 0) & (k < G)).mean())}
+
+
+@torch.no_grad()
+def grpo_path(world, policy, reward, eps, task: str, G: int, temperature: float, states: int) -> dict:
+    """Imagination exactly as GRPO runs it (wmpo.rollout): `states` initial states drawn from the held-out groups'
+    first frames, G samples each at the rollout temperature, E = policy.cfg.execute actions per step, the task's full
+    horizon, judged by the reward model at its threshold. Beside it the real held-out groups (the same policy,
+    temperature and pool of initial states in the simulator): success rate and the group census."""
+    starts = (torch.from_numpy(np.stack([e["frames"][0] for e in eps[::G]])), [e["instruction"] for e in eps[::G]])
+    imagined = wmpo.WorldModelEnv(world.wm, world.codec, world.device, reward, starts)
+    imag = wmpo.rollout(policy, imagined, envs.horizon(task), states, G, temperature)["success"].numpy()
+    real = np.array([bool(e["success"].any()) for e in eps])
+    rep = {"grpo_path_trajectories": len(imag), "grpo_path_imagined_success": float(imag.mean()),
+           "grpo_path_real_success": float(real.mean())}
+    for name, s in [("imagined", imag), ("real", real)]:
+        rep.update({f"grpo_path_{name}_{k}": v for k, v in group_census(s, G).items()})
+    return rep
+
+
 def side_by_side_gif(pairs, path):
     """Rows of (real | imagined) episodes; a green or red bar under each shows the real / imagined verdict."""
     import imageio
@@ -273,6 +297,9 @@ def report_markdown(rep: dict) -> str:
          lambda r: f"{f(r['real_success_rate'])} / {f(r['reward_imagined_success_rate'])}; "
                    f"{r['reward_mixed_groups']}"),
         ("judge on real frames vs the simulator: agreement", lambda r: f(r["judge_on_real_agreement"])),
+        ("GRPO's path (policy at its temperature, E per step, full horizon): real / imagined success; mixed groups",
+         lambda r: f"{f(r.get('grpo_path_real_success'))} / {f(r.get('grpo_path_imagined_success'))}; "
+                   f"{f(r.get('grpo_path_real_mixed'))} / {f(r.get('grpo_path_imagined_mixed'))}"),
     ]
     lines = ["| held-out base-policy trajectories, full horizon | " + " | ".join(
         f"{t.split('/')[1][:-3]} ({rep['per_task'][t]['trajectories']})" for t in tasks) + " |",

@@ -343,7 +343,8 @@ def grpo_loop(args: WMPOArgs, real: bool):
 # round-0 flags of train_wm.py that a lifelong refresh repeats (model sizes come from the checkpoints themselves)
 REFRESH_FLAGS = ["explore_noise", "explore_per_level", "heldout_groups", "group_size", "val_share", "codec_steps",
                  "wm_steps", "wm_finetune_steps", "reward_steps", "batch_size", "lr", "motion_windows",
-                 "reward_imagined", "reward_replays", "eval_every", "rollout_temperature"]
+                 "reward_imagined", "reward_replays", "eval_every", "rollout_temperature", "window_chunks",
+                 "grpo_path_states"]
 
 
 def lifelong(args: WMPOArgs):
@@ -361,7 +362,7 @@ def lifelong(args: WMPOArgs):
             cmd = [sys.executable, "train_wm.py", "--run-dir", args.run_dir, "--round", str(r), "--policy", args.init,
                    "--budget", str(args.budget), "--seed", str(args.seed), "--device", args.device, "--tasks",
                    *args.tasks]
-            for k in REFRESH_FLAGS:
+            for k in [k for k in REFRESH_FLAGS if k in wm_args]:  # flags newer than the run folder: defaults
                 v = wm_args[k]
                 cmd += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
             if rank == 0:  # one process refreshes the models; the others wait for its files

@@ -73,6 +73,8 @@ class Args:
     """held-out initial states per task, each rolled out G times, full horizon: the fidelity report"""
     group_size: int = 8
     """G: rollouts per held-out initial state (advantage correlation is computed within groups)"""
+    grpo_path_states: int = 16
+    """initial states (x G) the report imagines as GRPO does: the policy in the loop, full horizon, reward model"""
     # optim
     codec_steps: int = -1
     """codec steps (-1: preset)"""
@@ -279,7 +281,8 @@ def main(args: Args):
             setattr(args, k, v)
     [envs.make(t).close() for t in args.tasks]  # unknown ids fail here, before any work
     envs.check_flags(args, positive=["budget", "batch_size", "lr", "eval_every", "heldout_groups", "val_share",
-                                     "window_chunks"], non_negative=["round"], at_least={"group_size": 2})
+                                     "window_chunks", "grpo_path_states"],
+                     non_negative=["round"], at_least={"group_size": 2})
     budget_split(args)  # a budget too small for the tasks fails here, before any work
     rank, world = ddp.dist_init()
     if args.batch_size % world:
@@ -370,6 +373,8 @@ def main(args: Args):
     for task in args.tasks:
         eps = [e for e in sets["heldout"] if e["task"] == task]
         per_task[task], gif = fidelity.task_report(imag_world, rewards, eps, task, args.group_size, args.device)
+        per_task[task].update(fidelity.grpo_path(imag_world, policy, rewards["reward"], eps, task, args.group_size,
+                                                 args.rollout_temperature, args.grpo_path_states))
         fidelity.side_by_side_gif(gif, os.path.join(args.run_dir, "videos", f"wm_{envs.task_name(task)}{sfx}.gif"))
     rep = fidelity.mean_over_tasks(per_task)
     rep["trajectories"] = sum(r["trajectories"] for r in per_task.values())

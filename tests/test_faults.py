@@ -198,7 +198,8 @@ def test_data_shard_of_the_wrong_shape_is_named(tmp_path):
 WM_TINY = ["--budget", "6", "--explore-per-level", "1", "--explore-noise", "0.5", "--heldout-groups", "1",
            "--group-size", "2", "--codec-steps", "8", "--wm-steps", "24", "--wm-finetune-steps", "8",
            "--reward-steps", "8", "--batch-size", "4", "--eval-every", "2", "--wm.width", "16", "--wm.d", "32",
-           "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8", "--reward-replays", "2"]
+           "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8", "--reward-replays", "2",
+           "--grpo-path-states", "1"]
 
 
 def kill_when(args, path, cwd_dir):

@@ -113,7 +113,8 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
         "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
         "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
         "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
-        "--reward-replays", "2", "--window-chunks", "2")  # unrolled windows cross a chunk boundary (re-encoded)
+        "--reward-replays", "2", "--grpo-path-states", "1",
+        "--window-chunks", "2")  # unrolled windows cross a chunk boundary (re-encoded)
     rep = json.load(open(os.path.join(run_dir, "wm_report.json")))
     for k in ["psnr_by_horizon", "psnr_copy_baseline_by_horizon", "object_err_px_by_horizon",
               "object_err_px_copy_baseline_by_horizon", "success_radius_px", "median_success_len", "reward_f1",
@@ -122,7 +123,8 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
         assert k in rep, k
     for t in ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]:
         for k in ["outcome_agreement", "advantage_correlation", "trajectories", "imagined_recall", "imagined_precision",
-                  "judge_agreement", "pusher_err_px_by_horizon", "pusher_err_px_shuffled_by_horizon"]:
+                  "judge_agreement", "pusher_err_px_by_horizon", "pusher_err_px_shuffled_by_horizon",
+                  "grpo_path_imagined_success", "grpo_path_real_mixed"]:
             assert k in rep["per_task"][t], (t, k)
     assert "block_red_err_px_by_horizon" in rep["per_task"]["wmpo/PushCube-v0"]
     assert rep["trajectories"] == 6 and rep["per_task"]["wmpo/Reach-v0"]["trajectories"] == 2
@@ -424,7 +426,7 @@ def test_torchrun_two_processes_train_wm_and_wmpo(run_dir, tmp_path):
                "--heldout-groups", "1", "--group-size", "2", "--codec-steps", "2", "--wm-steps", "2",
                "--wm-finetune-steps", "1", "--reward-steps", "2", "--batch-size", "4",
                "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", "--reward.width", "8",
-               "--reward-replays", "2"]
+               "--reward-replays", "2", "--grpo-path-states", "1"]
     for args in (wm_args, ["train_policy.py", "wmpo", "--run-dir", d, "--iterations", "2",
                            "--grpo.states-per-task", "1", "--grpo.group-size", "2", "--val-every", "0"]):
         out = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
@@ -496,6 +498,20 @@ def load_rl_signal():
     rl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rl)
     return rl
+
+
+def test_group_census_and_outcome_stats_count_by_hand():
+    import fidelity
+
+    real = np.array([0, 0, 1, 1, 0, 1, 1, 0], bool)  # groups of G = 2: fail, success, mixed, mixed
+    imag = np.array([0, 1, 1, 1, 0, 1, 0, 0], bool)
+    assert fidelity.group_census(real, 2) == {"all_fail": 0.25, "all_success": 0.25, "mixed": 0.5}
+    st = fidelity.outcome_stats(real, imag, 2)
+    assert st["agreement"] == 6 / 8 and st["precision"] == 3 / 4 and st["recall"] == 3 / 4
+    assert st["mixed_groups"] == 2 and st["imagined_success_rate"] == 4 / 8
+    # within the two mixed real groups the imagined advantages are (-1, +1) then (0, 0): correlation with (-1, +1),
+    # (+1, -1) is that of [-1, 1, 1, -1] with [-1, 1, 0, 0], 1 / sqrt(2)
+    assert abs(st["advantage_correlation"] - 2 ** -0.5) < 1e-6
 
 
 def test_outcome_explained_tells_decisions_from_luck():
