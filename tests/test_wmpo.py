@@ -363,7 +363,8 @@ def test_load_world_round_trip(tmp_path):
         wmpo.load_world(str(tmp_path / "nothing"))
 
 
-@pytest.mark.parametrize("split", [[3, 5, 1, 7, 4]])  # E = 2 splits: test_training_unroll_and_imagination_...
+# E = 2 splits across a chunk boundary: test_training_unroll_and_imagination_take_one_path
+@pytest.mark.parametrize("split", [[3, 5, 1, 7, 4]])
 def test_step_splits_give_the_same_frames_as_one_unroll(split):
     # GRPO steps E actions at a time; the frames must be those of one call (the path training unrolls), and inside
     # a chunk they must be WorldModel.unroll's own prediction decoded (no context restart, no re-encoding)
