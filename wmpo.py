@@ -165,11 +165,11 @@ class TextEncoder(nn.Module):
         return tokenize(instructions, self.words).to(self.embed.weight.device)
 
     def forward(self, ids):  # (b, l) -> (b, d)
-        x = self.embed(ids)
+        ids, row = torch.unique(ids, dim=0, return_inverse=True)  # a batch repeats a few instructions: run each once
         lengths = (ids != PAD).sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, h = self.gru(packed)  # h: (2, b, d), last state of each direction
-        return self.out(rearrange(h, "two b d -> b (two d)"))
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)  # h: (2, u, d), last state of each direction
+        return self.out(rearrange(h, "two u d -> u (two d)"))[row]
 
 
 class VLA(nn.Module):

@@ -178,6 +178,21 @@ def test_instruction_changes_the_policy_output():
     assert not torch.allclose(la, lb)
 
 
+def test_text_encoder_runs_repeated_instructions_once_with_the_same_values_and_gradients():
+    enc = tiny_policy().text
+    texts = ["push the red block onto the green pad", "reach the blue pad", "push the red block onto the green pad",
+             "reach the blue pad", "push the blue block onto the red pad then the red block onto the blue pad"]
+    ids = wmpo.tokenize(texts, wmpo.VOCAB)
+    w = torch.randn(len(texts), 16)
+    (enc(ids) * w).sum().backward()  # the batch, repeats encoded once
+    batch = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    rows = torch.cat([enc(ids[i : i + 1]) for i in range(len(texts))])  # reference: one instruction at a time
+    (rows * w).sum().backward()
+    assert torch.allclose(enc(ids), rows, atol=1e-6)
+    for n, p in enc.named_parameters():
+        assert torch.allclose(batch[n], p.grad, atol=1e-5), n
+
 @pytest.mark.parametrize("decoding", ["parallel", "autoregressive"])
 def test_sft_overfits_a_handful_of_demos(decoding):
     eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2, 3], num_envs=3)
