@@ -669,6 +669,7 @@ def load_episodes(path: str) -> list[dict]:
                 "task": header["task"],
                 "instruction": ep_meta["instruction"],
                 "seed": ep_meta["seed"],
+                "full_horizon": bool(header.get("full_horizon", False)),  # success did not end it
                 **({"labels": arrays["labels"][s:e]} if "labels" in arrays else {}),
             }
         )
@@ -884,6 +885,7 @@ def collect(task: str, policy, seeds: list[int], num_envs: int = 16, asynchronou
                 "task": task,
                 "instruction": instr[i],
                 "seed": batch[i],
+                "full_horizon": full_horizon,
             }
             if r["labels"]:
                 ep["labels"] = np.concatenate([np.stack(r["labels"]), np.zeros((1, 2), np.float32)]).astype(np.float32)
@@ -899,7 +901,12 @@ def collect_cached(path: str, task: str, act, seeds: list[int], desc: str = "", 
     """Episodes from `path` if a previous run wrote it (same task, policy and seeds), else collect and save them:
     a killed run re-collects nothing, and the real-trajectory budget is paid once."""
     if os.path.exists(path):
-        return load_episodes(path)
+        eps = load_episodes(path)
+        if eps[0]["full_horizon"] != full_horizon:
+            kind = "run to the horizon" if eps[0]["full_horizon"] else "stop at success"
+            raise ValueError(f"episode shard {path} holds episodes that {kind}; this run needs the other kind "
+                             "(train_wm.py --full-horizon): move the file away to re-collect it")
+        return eps
     eps = collect(task, act, seeds, desc=desc, full_horizon=full_horizon)
     save_episodes(path, eps, full_horizon=full_horizon, **meta)
     return eps

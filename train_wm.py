@@ -5,10 +5,9 @@
     python train_wm.py --budget 1280                  # P real rollouts of the base policy for behaviour alignment
 
 Data (all real, in DIR/data): expert demos (from SFT), exploratory noisy-expert episodes at several noise levels
-(contact-rich; they are not policy rollouts, so they do not count against P), P rollouts of the base policy
-("policy behaviour alignment"), validation rollouts (the reward threshold) and held-out groups of G rollouts from
-shared initial states (the fidelity report; never trained on). Validation and held-out episodes run the task's
-full horizon (success = at any step), exactly as imagined rollouts do.
+(contact-rich; not policy rollouts, so not counted in P), P rollouts of the base policy ("policy behaviour
+alignment"), validation rollouts (the reward threshold) and held-out groups of G rollouts from shared initial states
+(the fidelity report; never trained on). All but the demos run the task's full horizon, as imagined rollouts do.
 
 The world model is trained teacher-forced, then unrolled on its own predictions with a curriculum (H = 2 -> 4 -> 8:
 jumping straight to 8 fell back to copying the last frame). The reward model learns from real clips and from
@@ -93,6 +92,9 @@ class Args:
     window_chunks: int = 1
     """chunks per window in the unrolled stages: each chunk's context is made from the one before it exactly as in
     imagination (WorldModelConfig.context_from); teacher forcing keeps one chunk"""
+    full_horizon: bool = True
+    """noisy-expert and alignment episodes run to the task's horizon past success, as imagined rollouts do (False:
+    they stop at success, the data of world models before v3)"""
     motion_windows: float = 0.5
     """fraction of world-model windows whose future holds block motion (contact is rare in uniform windows)"""
     reward_imagined: float = 0.5
@@ -141,12 +143,12 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
             sets["explore"] += envs.collect_cached(
                 os.path.join(data_dir, f"explore-{name}-{noise:g}-{n}.safetensors"), task,
                 envs.expert_policy(noise, seed=i), envs.seeds("explore", task, n, start=i * 2000),
-                f"explore {name} σ={noise}", policy=f"expert+noise {noise}")
+                f"explore {name} σ={noise}", args.full_horizon, policy=f"expert+noise {noise}")
         if policy is None:  # --check: noisy-expert data only
             continue
         sets["rollouts"] += envs.collect_cached(os.path.join(data_dir, f"rollouts-{name}-{n_roll}{sfx}.safetensors"),
                                                 task, act, envs.seeds("rollouts", task, n_roll, start=1000 * r),
-                                                f"rollouts {name}", **meta)
+                                                f"rollouts {name}", args.full_horizon, **meta)
         sets["val"] += envs.collect_cached(os.path.join(data_dir, f"val-{name}-{n_val}{sfx}.safetensors"), task, act,
                                            envs.seeds("val", task, n_val, start=1000 * r), f"val {name}",
                                            full_horizon=True, **meta)
@@ -167,8 +169,7 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
 def earlier_rounds(args: Args, prefix: str) -> list[dict]:
     """The rollouts (or validation episodes) rounds 0..r-1 collected: lifelong refreshes train on all real data."""
     data_dir = os.path.join(args.run_dir, "data")
-    n_roll, n_val = budget_split(args)
-    n = n_roll if prefix == "rollouts" else n_val
+    n = budget_split(args)[prefix != "rollouts"]  # (alignment, validation) rollouts per task
     eps = []
     for t in args.tasks:
         for q in range(args.round):
@@ -355,7 +356,6 @@ def main(args: Args):
         def clips(net, step):
             return net(*wmpo.clip_batch(replay_eps + rest, replay_imag, codec, rm.cfg.clip, 4 * B, args.device, frac,
                                         rm.text.words))
-
         rm = wmpo.fit(rm, path, steps, clips, lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every)
         rm.eval().requires_grad_(False)
         if rank == 0:

@@ -407,21 +407,17 @@ class FrameCodec(nn.Module):
 @dataclass
 class WorldModelConfig:
     # -- shapes: the codec's latent, the paper's 4 context -> 8 generated frames, the task's actions --
-    latent_ch: int = 8
-    """channels of the codec's 16x16 latent"""
+    latent_ch: int = 8  # channels of the codec's 16x16 latent
     context: int = 4
     """context frames before a chunk (the paper's 4); a rollout starts from one real frame repeated 4 times under
     zero actions, the pusher at rest"""
-    chunk: int = 8
-    """frames generated per step() call, one per action (the paper's 8)"""
-    action_dim: int = 2
-    """action dimensions (the pusher's x, y)"""
+    chunk: int = 8  # frames generated per step() call, one per action (the paper's 8)
+    action_dim: int = 2  # action dimensions (the pusher's x, y)
     # -- network --
     history: int = 4
     """actions tiled per frame: its own and the previous history-1; the pusher lags its set-point, so where it is
     now depends on the last few actions, not only on this one"""
-    width: int = 48
-    """conv channels at 16x16"""
+    width: int = 48  # conv channels at 16x16
     d: int = 96
     """channels at 8x8 = the attention token width"""
     n_res: int = 1
@@ -883,25 +879,30 @@ def detect_success(probs: torch.Tensor, threshold: float, valid: torch.Tensor | 
 class Windows:
     """Random (C context + K future) latent windows of real episodes, with the action taken at every frame.
 
-    A window is placed by its target frame: uniform over all frames of all episodes (not over episodes: short
-    episodes would be mostly padding), or, for a `motion` fraction, a frame right after a block moved. Before an
-    episode starts the window repeats frame 0 under zero actions (how a rollout starts); past its end the last
-    frame repeats under zero actions (what the simulator shows when the pusher holds still)."""
+    A window is placed by its target frame: first a task, uniformly (GRPO's batch weighs tasks equally, whatever
+    their share of the data), then uniform over all that task's frames (not over episodes: short episodes would be
+    mostly padding), or, for a `motion` fraction, a frame right after a block moved. Before an episode starts the
+    window repeats frame 0 under zero actions (how a rollout starts); past its end the last frame repeats under
+    zero actions (what the simulator shows when the pusher holds still)."""
 
     def __init__(self, latents, actions, episodes, C, K, motion=0.0):
         self.z, self.a, self.C, self.K, self.motion = latents, actions, C, K, motion
-        self.frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1)
-                                      for i, z in enumerate(latents)])  # (episode, target frame) rows
-        moving = [np.stack([np.full(len(m), i), m + 1], 1)
-                  for i, e in enumerate(episodes) if len(m := envs.block_motion(e))]
-        self.moving = np.concatenate(moving) if moving else self.frames
+        frames = np.concatenate([np.stack([np.full(len(z) - 1, i), np.arange(1, len(z))], 1)
+                                 for i, z in enumerate(latents)])  # (episode, target frame) rows
+        moving = np.concatenate([np.stack([np.full(len(m), i), m + 1], 1) for i, e in enumerate(episodes)
+                                 if len(m := envs.block_motion(e))] or [np.zeros((0, 2), int)])
+        task = np.array([e["task"] for e in episodes])
+        self.pools = []  # per task: (all its target frames, those right after a block moved)
+        for t in dict.fromkeys(task):
+            rows, moved = frames[task[frames[:, 0]] == t], moving[task[moving[:, 0]] == t]
+            self.pools.append((rows, moved if len(moved) else rows))  # Reach has no block to move
 
     def sample(self, B: int, chunks: int = 1):
         """B windows of C + chunks * K frames: (b, t, c, h, w) latents, (b, t, a) actions."""
         zs, acts, n = [], [], self.K * chunks
         n_motion = int(round(B * self.motion))
         for j in range(B):
-            pool = self.moving if j < n_motion else self.frames
+            pool = self.pools[np.random.randint(len(self.pools))][int(j < n_motion)]
             i, f = pool[np.random.randint(len(pool))]
             z, a = self.z[i], self.a[i]  # (T+1, c, h, w), (T+1, a) with a zero last row
             T = len(z)
@@ -1223,8 +1224,7 @@ def load_same(path: str, cfg, device="cpu", expect: str | None = None) -> nn.Mod
 
 def check_state(model: nn.Module, state: dict, path: str) -> None:
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")

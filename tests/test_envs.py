@@ -131,6 +131,22 @@ def test_storage_round_trip(tmp_path):
     assert len(envs.load_dir(str(tmp_path), "demos")) == 3
 
 
+def test_cached_episodes_of_the_other_horizon_kind_are_refused_not_reused(tmp_path):
+    path = str(tmp_path / "explore-reach-v0.safetensors")
+    eps = envs.collect_cached(path, "wmpo/Reach-v0", envs.expert_policy(0.0), [1, 2])
+    assert len(eps[0]["frames"]) < envs.horizon("wmpo/Reach-v0") + 1  # the expert reaches early: the episode stops
+    before = open(path, "rb").read()
+    with pytest.raises(ValueError, match="stop at success"):
+        envs.collect_cached(path, "wmpo/Reach-v0", envs.expert_policy(0.0), [1, 2], full_horizon=True)
+    assert open(path, "rb").read() == before
+    full = envs.collect_cached(str(tmp_path / "full.safetensors"), "wmpo/Reach-v0", envs.expert_policy(0.0), [1, 2],
+                               full_horizon=True)
+    again = envs.collect_cached(str(tmp_path / "full.safetensors"), "wmpo/Reach-v0", None, [1, 2], full_horizon=True)
+    H = envs.horizon("wmpo/Reach-v0")
+    assert [len(e["frames"]) for e in full] == [len(e["frames"]) for e in again] == [H + 1, H + 1]
+    assert again[0]["full_horizon"] and again[0]["success"].any()
+
+
 def test_corrupt_shard_gives_clear_error_and_touches_nothing(tmp_path):
     eps = envs.collect("wmpo/Reach-v0", envs.expert_policy(), [1, 2], num_envs=2)
     good, bad = str(tmp_path / "demos-a-0.safetensors"), str(tmp_path / "demos-b-0.safetensors")

@@ -138,6 +138,11 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
             for e in envs.load_dir(os.path.join(run_dir, "data"), f"{p}-{t}-v0")]
     assert budget["real_trajectories"] == len(paid) == 6 and budget["rollouts"] == budget["val"] == 3
     assert {e["seed"] for e in paid} <= {s for t in envs.TASKS for p in ("rollouts", "val") for s in envs.seeds(p, t, 10)}
+    for t in envs.TASKS:  # the world model's data runs as imagination does: to the task's horizon, past success
+        n = envs.task_name(t)
+        for e in envs.load_dir(os.path.join(run_dir, "data"), f"rollouts-{n}") + envs.load_dir(
+                os.path.join(run_dir, "data"), f"explore-{n}"):
+            assert len(e["frames"]) == envs.horizon(t) + 1 and e["full_horizon"], (t, len(e["frames"]))
     run("train_policy.py", "wmpo", "--run-dir", run_dir, "--iterations", "1",
         "--grpo.states-per-task", "1", "--grpo.group-size", "2", "--val-episodes", "1")
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "wmpo.metrics.jsonl"))]

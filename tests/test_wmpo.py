@@ -436,6 +436,30 @@ def test_training_unroll_and_imagination_take_one_path(context_from):
             wm(zw, aw, K)
 
 
+@pytest.mark.parametrize("motion", [0.0, 0.5])
+def test_windows_weigh_tasks_equally_and_motion_windows_hold_the_block_moving(motion):
+    # one Reach episode against nine PushCube ones: GRPO's batch weighs the tasks equally, so must the windows
+    np.random.seed(0)
+    eps, latents, C, K = [], [], 2, 4
+    for i in range(10):
+        task = "wmpo/Reach-v0" if i == 0 else "wmpo/PushCube-v0"
+        names = envs.object_layout(task)[0]
+        pos = np.zeros((40, len(names), 3), np.float32)
+        blocks = [r for r, n in enumerate(names) if n.startswith("block_")]
+        if blocks:  # the block moves between frames 20 and 25
+            pos[:, blocks[0], 0] = 0.01 * np.clip(np.arange(40) - 20, 0, 5)
+        eps.append({"task": task, "object_pos": pos})
+        latents.append(100.0 * i + repeat(torch.arange(40.0), "t -> t 1 2 2"))  # episode i, frame t
+    w = wmpo.Windows(latents, [torch.zeros(40, 2)] * 10, eps, C, K, motion=motion)
+    z, a = w.sample(2000)
+    assert z.shape == (2000, C + K, 1, 2, 2) and a.shape == (2000, C + K, 2)
+    episode, frame = z[:, :, 0, 0, 0] // 100, z[:, :, 0, 0, 0] % 100  # (b, t)
+    assert abs((episode[:, 0] == 0).float().mean().item() - 0.5) < 0.05  # frames uniformly would give 0.1
+    moving = ((frame[:, C:] >= 21) & (frame[:, C:] <= 25)).any(1)  # a target frame right after the block moved
+    push_motion = moving[:1000][episode[:1000, 0] > 0].float().mean().item()
+    assert push_motion == 1.0 if motion else push_motion < 0.4, push_motion
+
+
 def test_world_model_env_matches_real_chunk_env_shapes():
     torch.manual_seed(0)
     codec = wmpo.FrameCodec(wmpo.CodecConfig(width=8))
