@@ -195,6 +195,26 @@ def group_census(success: np.ndarray, G: int) -> dict:
 
 
 @torch.no_grad()
+def data_census(sets: dict) -> dict:
+    """What each data set holds per task: episodes, frames and the share that succeeded (a world model learns an
+    outcome only from data that shows it; each task's training data should mix successes and failures)."""
+    census = {}
+    for name, eps in sets.items():
+        census[name] = {}
+        for t in dict.fromkeys(e["task"] for e in eps):
+            es = [e for e in eps if e["task"] == t]
+            census[name][t] = {"episodes": len(es), "frames": sum(len(e["frames"]) for e in es),
+                               "success": float(np.mean([e["success"].any() for e in es]))}
+    return census
+
+
+def print_census(census: dict) -> None:
+    for name, per_task in census.items():
+        for t, c in per_task.items():
+            print(f"{name:9s} {t:22s}: {c['episodes']:5d} episodes, {c['frames']:6d} frames, "
+                  f"success {c['success']:.0%}")
+
+
 def grpo_path(world, policy, reward, eps, task: str, G: int, temperature: float, states: int) -> dict:
     """Imagination exactly as GRPO runs it (wmpo.rollout): `states` initial states drawn from the held-out groups'
     first frames, G samples each at the rollout temperature, E = policy.cfg.execute actions per step, the task's full

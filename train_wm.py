@@ -157,9 +157,7 @@ def collect_all(args: Args, policy) -> dict[str, list[dict]]:
         sets["heldout"] += envs.collect_cached(
             os.path.join(data_dir, f"heldout-{name}-{args.heldout_groups}x{args.group_size}{sfx}.safetensors"),
             task, act, seeds, f"heldout {name}", full_horizon=True, **meta)
-    for k, v in sets.items():
-        print(f"{k:9s}: {len(v):5d} episodes, {sum(len(e['frames']) for e in v):6d} frames, "
-              f"success {np.mean([e['success'].any() for e in v]) if v else 0:.0%}")
+    fidelity.print_census(fidelity.data_census(sets))
     if policy is not None and not sets["demos"]:
         raise SystemExit(f"error: no demos in {data_dir}; make them first with: "
                          f"python train_policy.py sft --run-dir {args.run_dir}")
@@ -379,6 +377,7 @@ def main(args: Args):
     rep = fidelity.mean_over_tasks(per_task)
     rep["trajectories"] = sum(r["trajectories"] for r in per_task.values())
     rep["real_budget"] = budget  # what P paid for (budget.json)
+    rep["data"] = fidelity.data_census(sets)  # per set and task: episodes, frames, success share
     rep["imagined_frames_per_s"] = fidelity.imagined_fps(imag_world)
     rep["real_env_steps_per_s"] = fidelity.real_env_steps_per_s(args.tasks[0])
     rep["wall_time_s"] = time.time() - t_start

@@ -128,6 +128,8 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
             assert k in rep["per_task"][t], (t, k)
     assert "block_red_err_px_by_horizon" in rep["per_task"]["wmpo/PushCube-v0"]
     assert rep["trajectories"] == 6 and rep["per_task"]["wmpo/Reach-v0"]["trajectories"] == 2
+    assert rep["data"]["explore"]["wmpo/PushTwo-v0"]["episodes"] == 1  # --explore-per-level 1, one noise level
+    assert set(rep["data"]["rollouts"]) == set(envs.TASKS)
     assert os.path.exists(os.path.join(run_dir, "videos", "wm_pushcube-v0.gif"))
     for f in ["wm.safetensors", "reward.safetensors", "codec.safetensors"]:
         assert os.path.exists(os.path.join(run_dir, f))
@@ -517,6 +519,12 @@ def test_group_census_and_outcome_stats_count_by_hand():
     # within the two mixed real groups the imagined advantages are (-1, +1) then (0, 0): correlation with (-1, +1),
     # (+1, -1) is that of [-1, 1, 1, -1] with [-1, 1, 0, 0], 1 / sqrt(2)
     assert abs(st["advantage_correlation"] - 2 ** -0.5) < 1e-6
+    def ep(task, n, succ):
+        return {"task": task, "frames": np.zeros((n, 1)), "success": np.array([False, succ])}
+
+    census = fidelity.data_census({"explore": [ep("a", 5, True), ep("b", 3, False), ep("a", 7, False)], "val": []})
+    assert census == {"explore": {"a": {"episodes": 2, "frames": 12, "success": 0.5},
+                                  "b": {"episodes": 1, "frames": 3, "success": 0.0}}, "val": {}}
 
 
 def test_outcome_explained_tells_decisions_from_luck():
