@@ -194,7 +194,6 @@ def group_census(success: np.ndarray, G: int) -> dict:
             "mixed": float(((k > 0) & (k < G)).mean())}
 
 
-@torch.no_grad()
 def data_census(sets: dict) -> dict:
     """What each data set holds per task: episodes, frames and the share that succeeded (a world model learns an
     outcome only from data that shows it; each task's training data should mix successes and failures)."""
@@ -215,6 +214,7 @@ def print_census(census: dict) -> None:
                   f"success {c['success']:.0%}")
 
 
+@torch.no_grad()
 def grpo_path(world, policy, reward, eps, task: str, G: int, temperature: float, states: int) -> dict:
     """Imagination exactly as GRPO runs it (wmpo.rollout): `states` initial states drawn from the held-out groups'
     first frames, G samples each at the rollout temperature, E = policy.cfg.execute actions per step, the task's full
