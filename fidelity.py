@@ -182,6 +182,12 @@ def task_report(world, rewards, eps, task, G: int, device) -> tuple[dict, list]:
 
     rep["psnr_by_horizon"] = np.mean([psnr(e["frames"], f) for e, f in zip(eps, imag)], 0)[1:].tolist()
     rep["psnr_copy_baseline_by_horizon"] = np.mean([psnr(e["frames"], e["frames"][:1]) for e in eps], 0)[1:].tolist()
+    # zero actions: the real scene stands still (the pusher at rest holds its place), so any change is drift
+    still = imagine_replay(world, eps[:n_sh], [np.zeros_like(e["actions"]) for e in eps[:n_sh]])
+    d_z = np.stack([detect_objects(f) for f in still])[:, :, DETECTOR["pusher"]]
+    drift = np.linalg.norm(d_z - d_r[:n_sh, :1, DETECTOR["pusher"]], axis=-1)
+    rep["zero_action_pusher_drift_px_by_horizon"] = np.nanmean(np.where(np.isnan(drift), 32.0, drift), 0)[1:].tolist()
+    rep["zero_action_psnr_by_horizon"] = np.mean([psnr(e["frames"][:1], f) for e, f in zip(eps, still)], 0)[1:].tolist()
     picks = [i for i in range(len(eps)) if real[i]][:3] + [i for i in range(len(eps)) if not real[i]][:3]
     gif = [(eps[i]["frames"], imag[i], bool(real[i]), bool(judges["reward"][i].any())) for i in picks]
     return rep, gif
@@ -291,9 +297,9 @@ def report_markdown(rep: dict) -> str:
     """The README's world-model table, built from wm_report.json (no number typed by hand)."""
     tasks = list(rep["per_task"])
     f = lambda v, d=2: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"  # noqa: E731
-    def at(r, key, h):
+    def at(r, key, h, or_last=False):
         v = r.get(key, [])
-        return v[h - 1] if h - 1 < len(v) else None
+        return v[min(h, len(v)) - 1] if v and (or_last or h <= len(v)) else None
     def blocks(r, key):
         return " / ".join(f(r[f"{b}_{key}"]) for b in ["block_red", "block_blue"] if f"{b}_{key}" in r) or "–"
     rows = [
@@ -317,6 +323,9 @@ def report_markdown(rep: dict) -> str:
          lambda r: f"{f(r['real_success_rate'])} / {f(r['reward_imagined_success_rate'])}; "
                    f"{r['reward_mixed_groups']}"),
         ("judge on real frames vs the simulator: agreement", lambda r: f(r["judge_on_real_agreement"])),
+        ("zero actions, at h=40 (or the horizon): pusher drift px / PSNR dB vs the still first frame",
+         lambda r: f"{f(at(r, 'zero_action_pusher_drift_px_by_horizon', 40, True), 1)} / "
+                   f"{f(at(r, 'zero_action_psnr_by_horizon', 40, True), 1)}"),
         ("GRPO's path (policy at its temperature, E per step, full horizon): real / imagined success; mixed groups",
          lambda r: f"{f(r.get('grpo_path_real_success'))} / {f(r.get('grpo_path_imagined_success'))}; "
                    f"{f(r.get('grpo_path_real_mixed'))} / {f(r.get('grpo_path_imagined_mixed'))}"),

@@ -124,9 +124,13 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     for t in ["wmpo/Reach-v0", "wmpo/PushCube-v0", "wmpo/PushTwo-v0"]:
         for k in ["outcome_agreement", "advantage_correlation", "trajectories", "imagined_recall", "imagined_precision",
                   "judge_agreement", "pusher_err_px_by_horizon", "pusher_err_px_shuffled_by_horizon",
-                  "grpo_path_imagined_success", "grpo_path_real_mixed"]:
+                  "grpo_path_imagined_success", "grpo_path_real_mixed", "zero_action_psnr_by_horizon",
+                  "zero_action_pusher_drift_px_by_horizon"]:
             assert k in rep["per_task"][t], (t, k)
     assert "block_red_err_px_by_horizon" in rep["per_task"]["wmpo/PushCube-v0"]
+    for t, r in rep["per_task"].items():  # zero actions over the full horizon: drift in px, PSNR in dB
+        assert len(r["zero_action_psnr_by_horizon"]) == len(r["zero_action_pusher_drift_px_by_horizon"]) == envs.horizon(t)
+        assert min(r["zero_action_pusher_drift_px_by_horizon"]) >= 0 and min(r["zero_action_psnr_by_horizon"]) > 0
     assert rep["trajectories"] == 6 and rep["per_task"]["wmpo/Reach-v0"]["trajectories"] == 2
     assert rep["data"]["explore"]["wmpo/PushTwo-v0"]["episodes"] == 1  # --explore-per-level 1, one noise level
     assert set(rep["data"]["rollouts"]) == set(envs.TASKS)
