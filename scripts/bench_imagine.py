@@ -40,6 +40,9 @@ class Args:
     """policy sampling temperature"""
     bins: int = 16
     """action bins of the untrained policy (ignored with --run-dir)"""
+    context_from: str = "frames"
+    """the untrained world model's next context (WorldModelConfig.context_from: frames re-encodes each chunk, latents
+    does not; ignored with --run-dir)"""
     threads: int = 0
     """torch threads (0: torch's default, all cores)"""
 
@@ -70,7 +73,7 @@ def main(args: Args):
         first = envs.RealChunkEnv(args.task, args.states)  # imagination starts from real first frames
         starts = first.start(args.states, 1)
         first.close()
-        world = wmpo.WorldModelEnv(wmpo.WorldModel(wmpo.WorldModelConfig()).eval(),
+        world = wmpo.WorldModelEnv(wmpo.WorldModel(wmpo.WorldModelConfig(context_from=args.context_from)).eval(),
                                    wmpo.FrameCodec(wmpo.CodecConfig()).eval(), reward=wmpo.RewardModel(
                                        wmpo.RewardConfig()).eval(), starts=starts)
     policy.cfg.execute = args.execute

@@ -164,8 +164,10 @@ def test_train_wm_then_wmpo_then_grpo_real(run_dir):
     assert rows[-1]["real_trajectories"] <= 12 and len(rows) == 2  # 2 iterations x 3 tasks x 1 state x 2 samples
 
 
-def test_imagination_benchmark_times_both_worlds_on_one_batch():
-    out = run("scripts/bench_imagine.py", "--task", "wmpo/Reach-v0", "--states", "1", "--group", "2", "--threads", "1")
+@pytest.mark.parametrize("context_from", ["frames", "latents"])
+def test_imagination_benchmark_times_both_worlds_on_one_batch(context_from):
+    out = run("scripts/bench_imagine.py", "--task", "wmpo/Reach-v0", "--states", "1", "--group", "2", "--threads", "1",
+              "--context-from", context_from)
     rows = [line for line in out.stdout.splitlines() if line.startswith(("| real env", "| world model"))]
     assert len(rows) == 2 and "dynamics" in rows[1] and "codec encode" in rows[1], out.stdout
     assert "imagined / real trajectories per second" in out.stdout
