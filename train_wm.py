@@ -4,16 +4,14 @@
     python train_wm.py --preset tiny                  # needs policy_sft.safetensors (python train_policy.py sft)
     python train_wm.py --budget 1280                  # P real rollouts of the base policy for behaviour alignment
 
-Data (all real, in DIR/data): expert demos (from SFT), exploratory noisy-expert episodes at several noise levels
-(contact-rich; not policy rollouts, so not counted in P), P rollouts of the base policy ("policy behaviour
-alignment"), validation rollouts (the reward threshold) and held-out groups of G rollouts from shared initial states
-(the fidelity report; never trained on). All but the demos run the task's full horizon, as imagined rollouts do.
-
-The world model is trained teacher-forced, then unrolled on its own predictions with a curriculum (H = 2 -> 4 -> 8:
-jumping straight to 8 fell back to copying the last frame). The reward model learns from real clips and from
-imagined replays of training episodes labelled with what really happened, so it learns the world model's bias.
-Writes codec / wm / reward (+ reward_real, the real-frames-only baseline) .safetensors, wm_report.json (keys in
-../shared/INTERFACE.md) and videos/wm_<task>.gif (real | imagined).
+Data (all real, in DIR/data): expert demos (from SFT), noisy-expert episodes at several noise levels (contact-rich;
+not policy rollouts: not counted in P), P rollouts of the base policy (behaviour alignment), validation rollouts (the
+reward threshold), held-out groups of G rollouts from shared initial states (the report; never trained on). All but
+the demos run the task's full horizon, as imagined rollouts do. The world model is trained teacher-forced, then
+unrolled on its own predictions (H = 2 -> 4 -> 8: straight to 8 fell back to copying the last frame). The reward
+model learns from real clips and from imagined replays of training episodes labelled with what really happened (so
+it learns the world model's bias). Writes codec / wm / reward (+ reward_real, real frames only) .safetensors,
+wm_report.json (keys in ../shared/INTERFACE.md) and videos/wm_<task>.gif (real | imagined).
 """
 
 import json
@@ -103,6 +101,8 @@ class Args:
     """training episodes per task replayed in the world model for the reward model"""
     eval_every: int = 250
     """checkpoint interval in steps"""
+    warmup: int = 100
+    """linear learning-rate warm-up steps of every stage (--check: 20, its stages are a few hundred steps)"""
     codec: wmpo.CodecConfig = field(default_factory=wmpo.CodecConfig)
     wm: wmpo.WorldModelConfig = field(default_factory=wmpo.WorldModelConfig)
     reward: wmpo.RewardConfig = field(default_factory=wmpo.RewardConfig)
@@ -197,7 +197,7 @@ def train_world_model(args, codec, train_eps, policy_eps, B, wm=None, out="wm"):
     w_all = windows(train_eps)
     fit = lambda model, name, steps, loss_fn, lr, stage, **kw: wmpo.fit(  # noqa: E731
         model, os.path.join(args.run_dir, f"{name}.safetensors"), steps, loss_fn, lr, args.run_dir,
-        f"train_wm{suffix(args)}", stage, args.eval_every, **kw)
+        f"train_wm{suffix(args)}", stage, args.eval_every, warmup=args.warmup, **kw)
     if wm is None:
         bounds = [int(f * args.wm_steps) for f in args.curriculum]
         unroll_at = lambda step: [0, 2, 4, 8][sum(step >= b for b in bounds)]  # noqa: E731
@@ -227,7 +227,7 @@ def train_codec(args, frames, world):
     codec = wmpo.fit(codec, os.path.join(args.run_dir, "codec.safetensors"), args.codec_steps,
                      lambda net, step: net(frames[torch.randint(len(frames), (8 * args.batch_size // world,))]
                                            .to(args.device)),
-                     args.lr, args.run_dir, "train_wm", "codec", args.eval_every)
+                     args.lr, args.run_dir, "train_wm", "codec", args.eval_every, warmup=args.warmup)
     return codec.eval().requires_grad_(False)
 
 
@@ -242,22 +242,23 @@ def check(args):
     # its own folder (it must never resume from, or overwrite, a full run's models) and a fixed small budget
     args.run_dir = os.path.join(args.run_dir, "check")
     args.tasks, args.wm_finetune_steps = ("wmpo/PushCube-v0",), 0
-    for k, v in [("explore_per_level", 60), ("codec_steps", 400), ("wm_steps", 600)]:
+    for k, v in [("explore_per_level", 40), ("codec_steps", 250), ("wm_steps", 150)]:
         if getattr(args, k) < 0:  # explicit flags win (the test runs it with a few steps, to see it fail)
             setattr(args, k, v)
+    # short stages: short warm-up, larger step, 32 codec frames / 8 windows a step, teacher forcing then 8-frame unrolls
+    args.lr, args.warmup, args.batch_size, args.curriculum = 2e-3, 20, 4, (0.7, 0.7, 0.7)
     sets = collect_all(args, None)
     held = envs.collect(args.tasks[0], envs.expert_policy(0.5, seed=9),
                         envs.seeds("heldout", args.tasks[0], 32, start=8000),
                         desc="check held-out", full_horizon=True)
     frames = torch.from_numpy(np.concatenate([e["frames"] for e in sets["explore"]]))
     codec = train_codec(args, frames, 1)
-    wm = train_world_model(args, codec, sets["explore"], [], args.batch_size)
+    wm = train_world_model(args, codec, sets["explore"], [], 8)
     world = wmpo.WorldModelEnv(wm, codec, args.device)
-    G = 8
     held = [{**e, "frames": e["frames"][:9], "actions": e["actions"][:9]} for e in held]  # one chunk: h = 1..8 only
     d_r = np.stack([fidelity.detect_objects(e["frames"]) for e in held])
     d_i = np.stack([fidelity.detect_objects(f) for f in fidelity.imagine_replay(world, held)])
-    shuffled = [held[(i + G) % len(held)]["actions"] for i in range(len(held))]  # another group's actions
+    shuffled = [held[(i + 8) % len(held)]["actions"] for i in range(len(held))]  # another episode's actions
     d_s = np.stack([fidelity.detect_objects(f) for f in fidelity.imagine_replay(world, held, shuffled)])
     true, shuf = fidelity.error_curves(d_r, d_i)[7, 0], fidelity.error_curves(d_r, d_s)[7, 0]
     copy = fidelity.error_curves(d_r, np.repeat(d_r[:, :1], 9, 1))[7, 0]
@@ -290,9 +291,8 @@ def main(args: Args):
     torch.manual_seed(args.seed + rank)  # ranks draw different windows and noise: together, one global batch
     np.random.seed(args.seed + rank)
     sfx, r = suffix(args), args.round
-    print(f"train_wm{sfx}: preset {args.preset}: codec {args.codec_steps}, wm {args.wm_steps} + "
-          f"{args.wm_finetune_steps}, reward {args.reward_steps} steps; {args.explore_per_level} exploratory "
-          "episodes per task and noise level")
+    print(f"train_wm{sfx}: {args.preset}: codec {args.codec_steps}, wm {args.wm_steps}+{args.wm_finetune_steps}, "
+          f"reward {args.reward_steps} steps; {args.explore_per_level} noisy-expert episodes per task and level")
     t_start = time.time()
     policy_path = envs.require(os.path.join(args.run_dir, f"{args.policy}.safetensors"),
                                f"python train_policy.py sft --run-dir {args.run_dir}")
@@ -354,7 +354,8 @@ def main(args: Args):
         def clips(net, step):
             return net(*wmpo.clip_batch(replay_eps + rest, replay_imag, codec, rm.cfg.clip, 4 * B, args.device, frac,
                                         rm.text.words))
-        rm = wmpo.fit(rm, path, steps, clips, lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every)
+        rm = wmpo.fit(rm, path, steps, clips, lr, args.run_dir, f"train_wm{sfx}", f"{name}{sfx}", args.eval_every,
+                      warmup=args.warmup)
         rm.eval().requires_grad_(False)
         if rank == 0:
             probs = fidelity.reward_probs(rm, val_frames, [e["instruction"] for e in val_eps], args.device)

@@ -957,7 +957,7 @@ def choose_threshold(probs_list, real_success) -> float:
 
 
 def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir: str, log_name: str, stage: str,
-        eval_every: int = 250, lr_mult=lambda step: 1.0, floor: float = 0.1) -> nn.Module:
+        eval_every: int = 250, lr_mult=lambda step: 1.0, floor: float = 0.1, warmup: int = 100) -> nn.Module:
     """The loop of every train_wm.py stage (codec, world model, its alignment, reward models) and of the lifelong
     refreshes: AdamW, warm-up + cosine to floor * lr, clip 1, atomic checkpoints every eval_every steps, resume
     (weights, optimizer, RNG) under the same stage name, skip when the stage is done. SFT and GRPO keep their own
@@ -981,7 +981,7 @@ def fit(model: nn.Module, path: str, num_steps: int, loss_fn, lr: float, run_dir
     for step in bar:
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, num_steps, lr * lr_mult(step), floor=floor)
+            g["lr"] = lr_at(step, num_steps, lr * lr_mult(step), warmup, floor)
         loss, logs = loss_fn(net, step)
         loss_all = ddp.all_sum(loss.detach()) / world
         if not torch.isfinite(loss_all):

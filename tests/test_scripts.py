@@ -216,7 +216,7 @@ def test_train_wm_check_can_fail(tmp_path):
     # the 5-minute diagnostic, with two training steps: an untrained world model must FAIL it (exit 1)
     d = str(tmp_path / "chk")
     out = run("train_wm.py", "--check", "--run-dir", d, "--explore-per-level", "2", "--codec-steps", "2", "--wm-steps", "2",
-              "--batch-size", "2", "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", ok=False)
+              "--wm.width", "16", "--wm.d", "32", "--wm.n-head", "1", "--codec.width", "8", ok=False)
     assert out.returncode == 1 and "FAIL" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     res = json.load(open(os.path.join(d, "check", "check.json")))
     assert res["pass"] is False and res["shuffled"] > 0
