@@ -604,13 +604,13 @@ class WorldModel(nn.Module):
         return torch.cat(preds, 1)
 
     def next_context(self, ctx, chunk, codec=None, pixels=None):
-        """The C context latents after a generated chunk (b, K, c, h, w): the last C of ctx + chunk, the chunk as
-        cfg.context_from says (frames: through uint8 pixels, rounded with a straight-through gradient; `pixels`, the
-        chunk already decoded, saves imagination a second decode)."""
-        if self.cfg.context_from == "frames":
+        """The C context latents after a generated chunk (b, K, c, h, w): the last C of ctx + chunk, as
+        cfg.context_from says (frames: via uint8 pixels, straight-through rounding; `pixels` saves a decode)."""
+        if self.cfg.context_from == "frames":  # only the chunk's last C frames can stay: re-encode just those
             if codec is None:
                 raise ValueError("context_from='frames' re-encodes each chunk's frames: pass the codec")
-            x = (codec.decode(chunk) if pixels is None else pixels).clamp(-1, 1)
+            chunk = chunk[:, -self.cfg.context :]
+            x = (codec.decode(chunk) if pixels is None else pixels[:, -self.cfg.context :]).clamp(-1, 1)
             x = x + (((x + 1) * 127.5).round() / 127.5 - 1 - x).detach()  # what encode(to_uint8(x)) sees
             chunk = torch.tanh(codec.enc(rearrange(x, "b k c h w -> (b k) c h w"))).reshape(chunk.shape)
         return torch.cat([ctx, chunk], 1)[:, -self.cfg.context :]
