@@ -52,7 +52,7 @@ class Args:
     """checkpoint in the run folder whose rollouts are collected (round 0: the base policy)"""
     check: bool = False
     """the <= 5-minute diagnostic (PushCube, noisy-expert data only): pusher error at h=8 with true vs shuffled
-    actions after a short training; run it before every long run"""
+    actions after a short training with its own lr, warm-up, batches and curriculum; run it before every long run"""
     # data
     budget: int = 128
     """P: every real trajectory drawn with the policy that trains or chooses anything (alignment rollouts plus
