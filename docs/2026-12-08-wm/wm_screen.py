@@ -1,10 +1,11 @@
 # The world-model screen of 2026-12-08 (experiments.md): run `python train_wm.py --check --run-dir runs/check-b` first
 # (its data and codec), then: python docs/2026-12-08-wm/wm_screen.py WIDTH D HEADS STEPS WINDOW_CHUNKS [frames|latents] [SEED]
-import os, sys
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 """Screen world-model sizes on the check's data (PushCube noisy-expert, 40/level) with the check's codec: train
 s/step, imagination frames/s on GRPO's path (E=2 step calls, decode every frame), pusher/red-block error at h=8/24/40."""
-import sys, time, numpy as np, torch, envs, wmpo, fidelity
+import os, sys, time
+import numpy as np, torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import envs, wmpo, fidelity  # noqa: E402
 torch.manual_seed(int(sys.argv[7]) if len(sys.argv) > 7 else 0)
 width, d, heads, steps, chunks = (int(x) for x in sys.argv[1:6])
 ctx_from = sys.argv[6] if len(sys.argv) > 6 else "frames"
